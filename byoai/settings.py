@@ -1,0 +1,46 @@
+"""Where byoai keeps its state. One settings model, read from the environment (BYOAI_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BYOAI_", extra="ignore")
+
+    # Per-project state: MLflow store (default), built variants, Prefect task results.
+    home: Path = Path(".byoai")
+    # Per-machine cache shared by projects: base models materialized from GGUF or the hub.
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "byoai")
+    tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("BYOAI_TRACKING_URI", "MLFLOW_TRACKING_URI")
+    )
+
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    def tracking(self, override: str | None = None) -> str:
+        """CLI flag, then MLFLOW_TRACKING_URI / BYOAI_TRACKING_URI, then SQLite under home."""
+        if override:
+            return override
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{self.resolved_home() / 'mlflow.db'}"
+
+    def default_artifact_root(self) -> Path:
+        return self.resolved_home() / "mlartifacts"
+
+    def variants_dir(self) -> Path:
+        return self.resolved_home() / "variants"
+
+    def data_dir(self) -> Path:
+        return self.resolved_home() / "data"
+
+    def results_dir(self) -> Path:
+        return self.resolved_home() / "prefect-results"
+
+    def models_dir(self) -> Path:
+        return self.cache_dir.expanduser().resolve() / "models"

@@ -1,0 +1,42 @@
+"""GPTQ weight-only quantization (Frantar et al. 2022) with llmcompressor's GPTQModifier."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from tasks.techniques import BuildResult, Technique
+from tasks.techniques.weight_quant import WeightQuantConfig, quantize_with_llmcompressor
+
+
+class GptqConfig(WeightQuantConfig):
+    # Fraction of the Hessian's mean diagonal added for numerical stability.
+    dampening_frac: float = Field(default=0.01, gt=0, lt=1)
+    block_size: int = Field(default=128, gt=0)
+    # Activation ordering: "static" reorders columns once; "group" also within groups.
+    actorder: Literal["static", "group"] | None = None
+
+
+def run(model_dir: Path, out_dir: Path, config: GptqConfig, calibration_ids, device: str) -> BuildResult:
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    factory = partial(
+        GPTQModifier,
+        dampening_frac=config.dampening_frac,
+        block_size=config.block_size,
+        actorder=config.actorder,
+    )
+    return quantize_with_llmcompressor(model_dir, out_dir, config, factory, calibration_ids)
+
+
+TECHNIQUE = Technique(
+    name="gptq",
+    summary="GPTQ weight-only quantization with calibration (llmcompressor)",
+    config=GptqConfig,
+    run=run,
+    devices=frozenset({"cpu", "cuda"}),
+    needs_calibration=True,
+)

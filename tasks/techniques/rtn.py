@@ -1,0 +1,30 @@
+"""Round-to-nearest weight quantization (no calibration): the floor GPTQ must beat."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from tasks.techniques import BuildResult, Technique
+from tasks.techniques.weight_quant import WeightQuantConfig, quantize_with_llmcompressor
+
+
+class RtnConfig(WeightQuantConfig):
+    pass
+
+
+def run(model_dir: Path, out_dir: Path, config: RtnConfig, calibration_ids, device: str) -> BuildResult:
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    # Weight-only RTN needs no data: llmcompressor picks its data-free pipeline.
+    return quantize_with_llmcompressor(model_dir, out_dir, config, partial(QuantizationModifier), None)
+
+
+TECHNIQUE = Technique(
+    name="rtn",
+    summary="round-to-nearest weight-only quantization (llmcompressor)",
+    config=RtnConfig,
+    run=run,
+    devices=frozenset({"cpu", "cuda"}),
+    needs_calibration=False,
+)
