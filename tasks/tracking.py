@@ -1,0 +1,238 @@
+"""MLflow tracking and registry: one parent run per flow run, one child run per variant x target.
+
+Always through an explicit MlflowClient (never the fluent, thread-local active-run API) so tasks
+can run on any Prefect task runner.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict
+
+from byoai.recipe import Recipe, TargetProfile, VariantSpec
+from tasks.build import Artifact
+from tasks.evaluate import Metrics, ppl_delta_pct
+
+TAG = "byoai."
+
+
+class RunRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+
+
+class VersionRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: str
+    source: str
+    created: bool
+
+
+def client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _experiment(mlflow, name: str, artifact_root: str | None) -> str:
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = Path(artifact_root, name).as_uri() if artifact_root else None
+    return mlflow.create_experiment(name, artifact_location=location, tags={f"{TAG}recipe": name})
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def start_parent_run(recipe: Recipe, tracking_uri: str, artifact_root: str | None, flow_run: dict[str, str]) -> RunRef:
+    import yaml
+
+    mlflow = client(tracking_uri)
+    experiment_id = _experiment(mlflow, recipe.name, artifact_root)
+    run = mlflow.create_run(
+        experiment_id,
+        run_name=f"{recipe.name}-{flow_run.get('name', 'local')}",
+        tags={
+            f"{TAG}recipe_sha": recipe.sha(),
+            f"{TAG}kind": "flow",
+            "prefect.flow_run_id": flow_run.get("id", ""),
+            "prefect.flow_run_name": flow_run.get("name", ""),
+        },
+    )
+    run_id = run.info.run_id
+    recipe_json = recipe.model_dump(mode="json")
+    mlflow.log_text(run_id, yaml.safe_dump(recipe_json, sort_keys=False), "recipe.yaml")
+    _log(mlflow, run_id, params={
+        "model": recipe_json["model"],
+        "calibration": recipe_json["calibration"],
+        "perplexity": recipe_json["evaluation"]["perplexity"],
+        "targets": [t.name for t in recipe.targets],
+        "variants": [v.name for v in recipe.variants],
+        "promotion": recipe_json["promotion"],
+    })
+    return RunRef(tracking_uri=tracking_uri, experiment_id=experiment_id, run_id=run_id)
+
+
+def _log(mlflow, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> None:
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    mlflow.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()],
+    )
+
+
+def _child(mlflow, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, extra_tags: dict[str, str]) -> str:
+    run = mlflow.create_run(
+        parent.experiment_id,
+        run_name=f"{variant.name}@{target.name}",
+        tags={
+            "mlflow.parentRunId": parent.run_id,
+            f"{TAG}variant": variant.name,
+            f"{TAG}technique": variant.technique,
+            f"{TAG}target": target.name,
+            f"{TAG}status": status,
+            **extra_tags,
+        },
+    )
+    _log(mlflow, run.info.run_id, params={
+        "technique": variant.technique,
+        **{f"param.{k}": v for k, v in variant.params.items()},
+        "target.device": target.device,
+        "target.dtype": target.dtype,
+    })
+    return run.info.run_id
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def log_variant_run(
+    parent: RunRef,
+    variant: VariantSpec,
+    target: TargetProfile,
+    artifact: Artifact,
+    metrics: Metrics,
+    reference: Metrics,
+) -> str:
+    """A finished child run with the artifact's facts and the metrics of its reloaded copy."""
+    mlflow = client(parent.tracking_uri)
+    run_id = _child(mlflow, parent, variant, target, "finished", {
+        f"{TAG}artifact_sha": artifact.sha,
+        f"{TAG}device": metrics.device,
+    })
+    _log(
+        mlflow,
+        run_id,
+        params={"build_device": artifact.build_device, **{f"fact.{k}": v for k, v in artifact.facts.items()}},
+        metrics={
+            "ppl": metrics.ppl,
+            "ppl_delta_pct": ppl_delta_pct(metrics, reference),
+            "size_mb": metrics.size_mb,
+            "load_s": metrics.load_s,
+            "prefill_ms": metrics.prefill_ms,
+            "decode_tok_s": metrics.decode_tok_s,
+            "build_s": artifact.build_s,
+            "ppl_tokens": metrics.ppl_tokens,
+        },
+    )
+    mlflow.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def log_unbuilt_run(
+    parent: RunRef,
+    variant: VariantSpec,
+    target: TargetProfile,
+    status: Literal["failed", "skipped"],
+    reason: str,
+    error_text: str | None = None,
+) -> str:
+    """A child run for a variant x target that produced nothing: FAILED with the error, or skipped."""
+    mlflow = client(parent.tracking_uri)
+    run_id = _child(mlflow, parent, variant, target, status, {f"{TAG}reason": reason[:5000]})
+    if error_text:
+        mlflow.log_text(run_id, error_text, "error.txt")
+    mlflow.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+    return run_id
+
+
+def _ensure_registered_model(mlflow, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.create_registered_model(name, description="Variants built and evaluated by byoai.")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_variant(
+    parent: RunRef,
+    recipe_name: str,
+    recipe_sha: str,
+    variant: VariantSpec,
+    target: TargetProfile,
+    artifact: Artifact,
+    run_id: str,
+) -> VersionRef:
+    """One model version per artifact x target, ever: a re-run finds it instead of adding one.
+
+    The model folder is uploaded once per artifact; versions for other targets point at it.
+    """
+    mlflow = client(parent.tracking_uri)
+    _ensure_registered_model(mlflow, recipe_name)
+    same_artifact = mlflow.search_model_versions(
+        f"name='{recipe_name}' and tags.`{TAG}artifact_sha`='{artifact.sha}'"
+    )
+    for version in same_artifact:
+        if version.tags.get(f"{TAG}target") == target.name:
+            mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
+            return VersionRef(name=recipe_name, version=str(version.version), source=version.source, created=False)
+    if same_artifact:
+        source = same_artifact[0].source
+    else:
+        mlflow.log_artifacts(run_id, artifact.path, artifact_path="model")
+        source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
+    version = mlflow.create_model_version(
+        recipe_name,
+        source=source,
+        run_id=run_id,
+        tags={
+            f"{TAG}variant": variant.name,
+            f"{TAG}technique": variant.technique,
+            f"{TAG}target": target.name,
+            f"{TAG}recipe_sha": recipe_sha,
+            f"{TAG}artifact_sha": artifact.sha,
+        },
+        description=f"{variant.name} ({variant.technique}) evaluated on {target.name}",
+    )
+    mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
+    get_run_logger().info("registered %s version %s (%s@%s)", recipe_name, version.version, variant.name, target.name)
+    return VersionRef(name=recipe_name, version=str(version.version), source=source, created=True)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def finish_parent_run(parent: RunRef, results: list[dict[str, Any]], decisions: list[dict[str, Any]], status: str) -> None:
+    mlflow = client(parent.tracking_uri)
+    if results:
+        mlflow.log_table(parent.run_id, data=_columns(results), artifact_file="results.json")
+    if decisions:
+        mlflow.log_table(parent.run_id, data=_columns(decisions), artifact_file="promotion.json")
+    mlflow.set_terminated(parent.run_id, status)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in keys}
