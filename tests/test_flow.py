@@ -1,0 +1,181 @@
+"""The closed loop on a tiny model: real Prefect runs, a real MLflow store, real quantization."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from byoai.cli import app
+from byoai.recipe import load_recipe
+from flows.optimize import PipelineFailed, run_optimize
+
+runner = CliRunner()
+HAS_CUDA = torch.cuda.is_available()
+
+
+def mlflow_client(workdir: Path) -> MlflowClient:
+    uri = f"sqlite:///{workdir / '.byoai' / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def versions(client: MlflowClient, name: str):
+    return sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+
+
+def task_states(flow_run_id: str) -> dict[str, str]:
+    """Task run name -> final state name, read back through the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {run.name: run.state.name for run in runs}
+
+    return asyncio.run(read())
+
+
+def test_closed_loop_registers_evaluates_and_promotes(write_recipe, workdir):
+    recipe = load_recipe(write_recipe())
+    summary = run_optimize(recipe)
+    client = mlflow_client(workdir)
+
+    # every variant x target has a result row; the CUDA target is skipped, with its reason, on a CPU worker
+    rows = {(r.variant, r.target): r for r in summary.results}
+    assert len(rows) == 6
+    for variant in ("baseline", "rtn-w4-g32", "gptq-w4-g32"):
+        assert rows[variant, "cpu-x86"].status == "finished"
+        if not HAS_CUDA:
+            assert rows[variant, "cuda-h100"].status == "skipped"
+            assert "needs a CUDA GPU" in rows[variant, "cuda-h100"].reason
+    base, rtn, gptq = (rows[v, "cpu-x86"] for v in ("baseline", "rtn-w4-g32", "gptq-w4-g32"))
+    assert base.ppl_delta_pct == 0
+    # W4 with group 32 stores ~4.5 bits per quantized weight; the tiny model's embeddings stay fp32
+    assert gptq.size_mb < 0.8 * base.size_mb and rtn.size_mb == pytest.approx(gptq.size_mb, rel=0.01)
+    for row in (base, rtn, gptq):
+        assert row.ppl > 1 and row.load_s > 0 and row.prefill_ms > 0 and row.decode_tok_s > 0
+
+    # MLflow: a parent run with the recipe, one child per variant x target
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["byoai.recipe_sha"] == recipe.sha()
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"recipe.yaml", "results.json", "promotion.json"} <= artifacts
+    children = client.search_runs([summary.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 6
+    finished = [r for r in children if r.data.tags["byoai.status"] == "finished"]
+    assert len(finished) == 3
+    for run in finished:
+        assert {"ppl", "ppl_delta_pct", "size_mb", "load_s", "prefill_ms", "decode_tok_s"} <= set(run.data.metrics)
+    gptq_run = client.get_run(gptq.run_id)
+    assert gptq_run.data.params["param.group_size"] == "32"
+    assert gptq_run.data.metrics["ppl"] == pytest.approx(gptq.ppl)
+    assert {a.path for a in client.list_artifacts(gptq.run_id, "model")} >= {"model/config.json", "model/model.safetensors"}
+
+    # registry: a version per finished variant x target, tagged; the champion is the gated smallest
+    registered = versions(client, "tiny")
+    assert len(registered) == 3
+    for version in registered:
+        assert {"byoai.variant", "byoai.technique", "byoai.target", "byoai.recipe_sha", "byoai.artifact_sha"} <= set(version.tags)
+        assert version.tags["byoai.target"] == "cpu-x86"
+    champion = client.get_model_version_by_alias("tiny", "champion-cpu-x86")
+    winner = min((r for r in (rtn, gptq) if r.ppl_delta_pct <= 50), key=lambda r: (round(r.size_mb, 3), r.ppl))
+    assert str(champion.version) == winner.version
+    assert summary.champions == {"cpu-x86": winner.version, "cuda-h100": None if not HAS_CUDA else summary.champions["cuda-h100"]}
+    decisions = json.loads(Path(client.download_artifacts(parent.info.run_id, "promotion.json")).read_text())
+    assert set(decisions["columns"]) >= {"target", "variant", "version", "gate", "champion", "reason"}
+
+    # the registered artifact reloads and generates
+    from transformers import AutoModelForCausalLM
+
+    local = client.download_artifacts(gptq.run_id, "model")
+    model = AutoModelForCausalLM.from_pretrained(local)
+    assert model(torch.tensor([[1, 5, 9]])).logits.shape[-1] == model.config.vocab_size
+
+    # a re-run of the unchanged recipe recomputes nothing and registers nothing new
+    again = run_optimize(recipe)
+    assert [v.version for v in versions(client, "tiny")] == [v.version for v in registered]
+    assert {r.version for r in again.results if r.version} == {r.version for r in summary.results if r.version}
+    assert client.get_model_version_by_alias("tiny", "champion-cpu-x86").version == champion.version
+    states = task_states(client.get_run(again.parent_run_id).data.tags["prefect.flow_run_id"])
+    heavy = {name: state for name, state in states.items() if name.startswith(("build", "evaluate", "prepare"))}
+    assert len(heavy) >= 8 and set(heavy.values()) == {"Cached"}, heavy
+
+
+def test_a_crashing_variant_is_recorded_and_the_others_go_on(write_recipe, workdir):
+    recipe = load_recipe(write_recipe(
+        targets="[cpu-x86]",
+        variants="[{name: rtn-w4-g32, technique: rtn, params: {group_size: 32}}, {name: gptq-g48, technique: gptq, params: {group_size: 48}}]",
+    ))
+    summary = run_optimize(recipe)
+    client = mlflow_client(workdir)
+    rows = {r.variant: r for r in summary.results}
+    assert rows["rtn-w4-g32"].status == "finished"
+    failed = rows["gptq-g48"]
+    assert failed.status == "failed"
+    assert "group_size 48 does not divide the input width 64 of layer 'model.layers.0.self_attn.q_proj'" in failed.reason
+    runs = client.search_runs([summary.experiment_id], "tags.`byoai.variant` = 'gptq-g48'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "params.ignore" in runs[0].data.tags["byoai.reason"]
+    error = Path(client.download_artifacts(runs[0].info.run_id, "error.txt")).read_text()
+    assert "TechniqueError" in error
+    assert [v.tags["byoai.variant"] for v in versions(client, "tiny")] == ["rtn-w4-g32"]
+    assert client.get_model_version_by_alias("tiny", "champion-cpu-x86").tags["byoai.variant"] == "rtn-w4-g32"
+
+
+def test_ignore_lets_an_indivisible_layer_stay_in_full_precision(write_recipe):
+    # 48 divides no layer of the tiny model; keeping all but the MLP's down projection ...
+    ignore = "['lm_head', 're:.*self_attn.*', 're:.*mlp.(gate|up)_proj']"
+    recipe = load_recipe(write_recipe(
+        targets="[cpu-x86]",
+        variants=f"[{{name: rtn-g64-some, technique: rtn, params: {{group_size: 64, ignore: {ignore}}}}}]",
+    ))
+    summary = run_optimize(recipe)
+    row = summary.results[0]
+    assert row.status == "finished"
+    facts = mlflow_client(Path.cwd()).get_run(row.run_id).data.params
+    assert facts["fact.quantized_layers"] == "2"  # the two down_proj layers (input width 128)
+
+
+def test_every_variant_failing_fails_the_flow_and_registers_nothing(write_recipe, workdir):
+    path = write_recipe(targets="[cpu-x86]", variants="[{name: bad, technique: rtn, params: {group_size: 48}}]")
+    with pytest.raises(PipelineFailed, match="bad@cpu-x86"):
+        run_optimize(load_recipe(path))
+    client = mlflow_client(workdir)
+    assert versions(client, "tiny") == []
+    parent = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], "tags.`byoai.kind` = 'flow'")
+    assert parent[0].info.status == "FAILED"
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 1 and "pipeline failed" in result.output
+
+
+def test_champion_moves_only_for_a_strict_win(write_recipe, workdir):
+    small = write_recipe(targets="[cpu-x86]", variants="[{name: rtn-w4-g32, technique: rtn, params: {group_size: 32}}]")
+    first = run_optimize(load_recipe(small))
+    champion = first.champions["cpu-x86"]
+    # the same registered model, now only offered the (larger) base model: the champion stays
+    bigger = write_recipe(targets="[cpu-x86]", variants="[{name: baseline, technique: baseline}]")
+    second = run_optimize(load_recipe(bigger))
+    client = mlflow_client(workdir)
+    assert str(client.get_model_version_by_alias("tiny", "champion-cpu-x86").version) == champion
+    kept = [d for d in second.decisions if d["variant"] == "baseline"][0]
+    assert not kept["champion"] and "does not beat champion" in kept["reason"]
+
+
+def test_cli_run_prints_the_table_and_champions(write_recipe, workdir):
+    path = write_recipe(targets="[cpu-x86]", variants="[{name: rtn-w4-g32, technique: rtn, params: {group_size: 32}}]")
+    result = runner.invoke(app, ["run", str(path), "--tracking-uri", f"sqlite:///{workdir / 'elsewhere.db'}"])
+    assert result.exit_code == 0, result.output
+    assert "rtn-w4-g32" in result.output and "champion-cpu-x86: version 1" in result.output
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.output
+    assert (workdir / "elsewhere.db").is_file()
+    shown = runner.invoke(app, ["champions", "tiny", "--tracking-uri", f"sqlite:///{workdir / 'elsewhere.db'}"])
+    assert shown.exit_code == 0 and "champion-cpu-x86" in shown.output and "rtn-w4-g32" in shown.output
+    missing = runner.invoke(app, ["champions", "nope", "--tracking-uri", f"sqlite:///{workdir / 'elsewhere.db'}"])
+    assert missing.exit_code == 2 and "no registered model 'nope'" in missing.output

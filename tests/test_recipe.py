@@ -1,0 +1,88 @@
+"""The recipe is validated at the door: precise errors, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from byoai.cli import app
+from byoai.recipe import RecipeError, load_recipe
+from recipes import RECIPES_DIR
+
+runner = CliRunner()
+
+
+def test_demo_recipe_is_valid_and_resolves_targets():
+    recipe = load_recipe(RECIPES_DIR / "demo.yaml")
+    assert recipe.model.kind == "embedded"
+    assert [t.name for t in recipe.targets] == ["cpu-x86"]
+    assert recipe.targets[0].device == "cpu"
+    gptq = next(v for v in recipe.variants if v.technique == "gptq")
+    # defaults are filled in by the technique's typed config
+    assert gptq.params["group_size"] == 64 and gptq.params["actorder"] == "static"
+
+
+def test_sha_ignores_formatting_but_not_content(write_recipe):
+    path = write_recipe()
+    original = path.read_text()
+    sha = load_recipe(path).sha()
+    path.write_text("# a comment\n" + original.replace(": ", ":   "))
+    assert load_recipe(path).sha() == sha
+    path.write_text(original.replace("seed: 0", "seed: 1"))
+    assert load_recipe(path).sha() != sha
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "expected"),
+    [
+        ("variants", "[{name: x, technique: awq-typo}]", "variants[0].technique: unknown technique 'awq-typo'; allowed: baseline, gptq, rtn"),
+        ("variants", "[{name: x, technique: gptq, params: {bits: 5}}]", "params.bits: Input should be 2, 3, 4 or 8"),
+        ("variants", "[{name: x, technique: rtn, params: {group: 64}}]", "params.group: Extra inputs are not permitted"),
+        ("variants", "[{name: a, technique: rtn}, {name: a, technique: gptq}]", "duplicate name(s) ['a']"),
+        ("variants", "[]", "variants: give at least one"),
+        ("targets", "[tpu-v9]", "unknown target 'tpu-v9'; allowed: cpu-x86, cuda-h100"),
+        ("model", "{kind: local, path: ./no-such-model}", "no-such-model is not a model folder (no config.json)"),
+        ("model", "{kind: hub, id: not a repo}", "model.id"),
+        ("calibration", "{source: {kind: file, path: missing.txt}}", "calibration.source.path: text file"),
+        ("evaluation", "{perplexity: {source: {kind: builtin, split: test}, max_tokens: 64, seq_len: 128}}", "max_tokens (64) must be at least seq_len (128)"),
+        ("promotion", "{objective: cheapest}", "promotion.objective"),
+    ],
+)
+def test_invalid_recipe_names_the_field(write_recipe, section, value, expected):
+    path = write_recipe(**{section: value})
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert str(path) in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_recipe_folder_targets_shadow_shipped_profiles(write_recipe, workdir):
+    (workdir / "targets").mkdir()
+    (workdir / "targets" / "edge-box.yaml").write_text("name: edge-box\ndevice: cpu\ndtype: bfloat16\nthreads: 1\ntechniques: [baseline, rtn]\n")
+    recipe = load_recipe(write_recipe(targets="[edge-box]"))
+    assert recipe.targets[0].dtype == "bfloat16" and recipe.targets[0].threads == 1
+    (workdir / "targets" / "edge-box.yaml").write_text("name: edge-box\ndevice: fpga\ntechniques: [sparsify]\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write_recipe(targets="[edge-box]"))
+    assert "edge-box.yaml" in str(caught.value) and "device" in str(caught.value) and "sparsify" in str(caught.value)
+
+
+def test_cli_exit_code_2_and_nothing_written(write_recipe, workdir):
+    path = write_recipe(variants="[{name: x, technique: nope}]")
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "unknown technique 'nope'" in result.output
+    assert not (workdir / ".byoai").exists()
+    assert runner.invoke(app, ["validate", str(path)]).exit_code == 2
+    assert runner.invoke(app, ["validate", str(write_recipe())]).exit_code == 0
