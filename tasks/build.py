@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from byoai.log import step_logger
 from byoai.files import atomic_folder, folder_sha256, folder_size_bytes, json_sha256
 from tasks.data import CACHED, TokensRef, load_tokens
 from tasks.model import ModelRef
@@ -55,7 +56,7 @@ def build_variant(
     folder = Path(variants_dir) / f"{technique}-{key[:16]}"
     marker = folder / _MARKER
     if marker.is_file():  # built by an earlier run whose Prefect cache is gone: trust the folder
-        get_run_logger().info("reusing %s", folder)
+        step_logger().info("reusing %s", folder)
         return Artifact.model_validate_json(marker.read_text())
 
     ids = load_tokens(calibration) if spec.needs_calibration and calibration else None
@@ -75,5 +76,5 @@ def build_variant(
             facts=json.loads(json.dumps(result.facts, default=str)),
         )
         (tmp / _MARKER).write_text(artifact.model_dump_json())
-    get_run_logger().info("built %s in %.1fs -> %s", technique, build_s, artifact.path)
+    step_logger().info("built %s in %.1fs -> %s", technique, build_s, artifact.path)
     return artifact

@@ -11,9 +11,10 @@ import statistics
 import time
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from byoai.log import step_logger
 from byoai import devices
 from byoai.recipe import LatencySpec, TargetProfile
 from tasks.build import Artifact
@@ -118,5 +119,5 @@ def evaluate_artifact(artifact: Artifact, target: TargetProfile, perplexity_toke
         decode_tok_s=decode_tok_s,
         device=devices.describe(target.device),
     )
-    get_run_logger().info("%s on %s: %s", artifact.technique, target.name, metrics)
+    step_logger().info("%s on %s: %s", artifact.technique, target.name, metrics)
     return metrics

@@ -6,9 +6,10 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from byoai.log import step_logger
 from byoai.files import atomic_folder, file_sha256, folder_sha256
 from byoai.recipe import EmbeddedModel, GgufModel, HubModel, LocalModel, ModelSource
 
@@ -129,5 +130,5 @@ def resolve_model(source: ModelSource, models_dir: str) -> ModelRef:
             ref = _download_hub(source, models)
         case LocalModel(path=path):
             ref = ModelRef(path=str(path), sha=folder_sha256(path), source=f"local:{path}")
-    get_run_logger().info("base model %s at %s (sha %s)", ref.source, ref.path, ref.sha[:12])
+    step_logger().info("base model %s at %s (sha %s)", ref.source, ref.path, ref.sha[:12])
     return ref

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
+from byoai.log import step_logger
 from byoai.recipe import PromotionSpec
 from tasks.evaluate import Metrics, ppl_delta_pct
 from tasks.tracking import TAG, client
@@ -121,7 +122,7 @@ def promote_champion(
     winner, rows = decide(candidates, champion, promotion)
     if winner is not None:
         mlflow.set_registered_model_alias(model_name, alias_for(target), winner)
-        get_run_logger().info("%s: %s -> version %s", model_name, alias_for(target), winner)
+        step_logger().info("%s: %s -> version %s", model_name, alias_for(target), winner)
     if champion is not None and all(r["version"] != champion.version for r in rows):
         rows.append({
             "variant": champion.variant, "version": champion.version, "ppl": round(champion.ppl, 4),

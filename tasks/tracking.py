@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
+from byoai.log import step_logger
 from byoai.recipe import Recipe, TargetProfile, VariantSpec
 from tasks.build import Artifact
 from tasks.evaluate import Metrics, ppl_delta_pct
@@ -219,7 +220,7 @@ def register_variant(
         description=f"{variant.name} ({variant.technique}) evaluated on {target.name}",
     )
     mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
-    get_run_logger().info("registered %s version %s (%s@%s)", recipe_name, version.version, variant.name, target.name)
+    step_logger().info("registered %s version %s (%s@%s)", recipe_name, version.version, variant.name, target.name)
     return VersionRef(name=recipe_name, version=str(version.version), source=source, created=True)
 
 
