@@ -8,10 +8,11 @@ from tasks.techniques import TECHNIQUES
 
 
 def skip_reason(variant: VariantSpec, target: TargetProfile) -> str | None:
-    technique = TECHNIQUES[variant.technique]
-    if variant.technique not in target.techniques:
-        return f"target {target.name} does not list technique {variant.technique} (its profile's `techniques`)"
-    if target.device not in technique.devices:
-        return f"technique {variant.technique} cannot run on {target.device} (it runs on {', '.join(sorted(technique.devices))})"
+    for stage in variant.stages:
+        technique = TECHNIQUES[stage.technique]
+        if stage.technique not in target.techniques:
+            return f"target {target.name} does not list technique {stage.technique} (its profile's `techniques`)"
+        if target.device not in technique.devices:
+            return f"technique {stage.technique} cannot run on {target.device} (it runs on {', '.join(sorted(technique.devices))})"
     reason = devices.unavailable_reason(target.device)
     return f"target {target.name} {reason}" if reason else None

@@ -209,8 +209,7 @@ def load_target(path: Path) -> TargetProfile:
 
 
 # ---------------------------------------------------------------- variants and promotion
-class VariantSpec(_Strict):
-    name: Name
+class StageSpec(_Strict):
     technique: str
     # Validated by the technique's own config model; stored with defaults filled in.
     params: dict[str, Any] = Field(default_factory=dict)
@@ -223,7 +222,7 @@ class VariantSpec(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _typed_params(self) -> VariantSpec:
+    def _typed_params(self) -> StageSpec:
         try:
             config = TECHNIQUES[self.technique].config.model_validate(self.params)
         except ValidationError as exc:
@@ -234,8 +233,49 @@ class VariantSpec(_Strict):
         object.__setattr__(self, "params", config.model_dump(mode="json"))
         return self
 
-    def config(self) -> BaseModel:
-        return TECHNIQUES[self.technique].config.model_validate(self.params)
+
+class VariantSpec(_Strict):
+    """A variant is a chain of stages, each stage's output the next one's input.
+
+    `technique` + `params` is the one-stage shorthand; `stages` gives a chain, e.g.
+    [{technique: sparsegpt, params: {sparsity: 0.5}}, {technique: gptq, params: {bits: 4}}].
+    """
+
+    name: Name
+    stages: tuple[StageSpec, ...]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_stage_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "technique" in data:
+            if "stages" in data:
+                raise ValueError("give either technique (+ params) or stages, not both")
+            data = {k: v for k, v in data.items() if k not in {"technique", "params"}} | {
+                "stages": [{"technique": data["technique"], "params": data.get("params") or {}}]
+            }
+        return data
+
+    @field_validator("stages")
+    @classmethod
+    def _at_least_one(cls, value: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
+        if not value:
+            raise ValueError("give at least one stage")
+        return value
+
+    @property
+    def technique(self) -> str:
+        """The chain's techniques joined by '+', e.g. 'sparsegpt+gptq'."""
+        return "+".join(stage.technique for stage in self.stages)
+
+    def flat_params(self) -> dict[str, Any]:
+        """Parameters as one flat mapping (MLflow params): `k` for one stage, `stageN.k` for chains."""
+        if len(self.stages) == 1:
+            return dict(self.stages[0].params)
+        return {
+            f"stage{i}.{key}": value
+            for i, stage in enumerate(self.stages)
+            for key, value in {"technique": stage.technique, **stage.params}.items()
+        }
 
 
 class GateSpec(_Strict):
@@ -322,11 +362,21 @@ def _location(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _format_errors(path: Path, exc: ValidationError) -> str:
+def _as_written(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Drop the `stages[0]` that the one-stage shorthand (technique + params) was expanded into."""
+    if len(loc) >= 4 and loc[0] == "variants" and loc[2:4] == ("stages", 0) and isinstance(data, dict):
+        variants = data.get("variants")
+        if isinstance(variants, list) and isinstance(loc[1], int) and loc[1] < len(variants):
+            if isinstance(variants[loc[1]], dict) and "technique" in variants[loc[1]]:
+                return loc[:2] + loc[4:]
+    return loc
+
+
+def _format_errors(path: Path, exc: ValidationError, data: Any = None) -> str:
     lines = [f"{path}: invalid ({exc.error_count()} error{'s' if exc.error_count() > 1 else ''})"]
     for err in exc.errors(include_url=False):
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {_location(err['loc'])}: {msg}")
+        lines.append(f"  {_location(_as_written(err['loc'], data))}: {msg}")
     return "\n".join(lines)
 
 
@@ -339,4 +389,4 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data, context={"base_dir": str(path.parent)})
     except ValidationError as exc:
-        raise RecipeError(_format_errors(path, exc)) from None
+        raise RecipeError(_format_errors(path, exc, data)) from None

@@ -22,7 +22,6 @@ from tasks.data import prepare_calibration, prepare_perplexity_tokens
 from tasks.evaluate import evaluate_artifact
 from tasks.model import resolve_model
 from tasks.promote import Candidate, promote_champion
-from tasks.techniques import TECHNIQUES
 from tasks.tracking import finish_parent_run, log_unbuilt_run, log_variant_run, register_variant, start_parent_run
 
 
@@ -52,13 +51,15 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
         plan = {(v.name, t.name): skip_reason(v, t) for v in recipe.variants for t in recipe.targets}
         targets = [t for t in recipe.targets if any(plan[v.name, t.name] is None for v in recipe.variants)]
         data_dir = str(settings.data_dir())
-        needs_calibration = any(TECHNIQUES[v.technique].needs_calibration for v in recipe.variants)
-        calibration = prepare_calibration(recipe.calibration, model, data_dir) if needs_calibration else None
+        # Calibration windows are prepared even when no technique calibrates: the build step
+        # probes every artifact with a few of them to check its save/reload round trip.
+        calibration = prepare_calibration(recipe.calibration, model, data_dir)
         perplexity_tokens = prepare_perplexity_tokens(recipe.evaluation.perplexity, model, data_dir)
         latency = recipe.evaluation.latency
+        variants_dir = str(settings.variants_dir())
 
         # The gate's reference: the base model, measured on each target like every variant.
-        base = build_variant("baseline", {}, model, None, "cpu", str(settings.variants_dir()))
+        base = build_variant("baseline", {}, model, model, calibration, "cpu", variants_dir)
         reference = {
             t.name: evaluate_artifact.with_options(task_run_name=f"evaluate-reference@{t.name}")(
                 base, t, perplexity_tokens, latency
@@ -75,23 +76,28 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
                     results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="skipped", reason=reason))
             if not runnable:
                 continue
-            technique = TECHNIQUES[variant.technique]
-            built = build_variant.with_options(task_run_name=f"build-{variant.name}")(
-                variant.technique,
-                variant.params,
-                model,
-                calibration if technique.needs_calibration else None,
-                "cuda" if any(t.device == "cuda" for t in runnable) else "cpu",
-                str(settings.variants_dir()),
-                return_state=True,
-            )
-            if built.is_failed():
-                reason, text = _error_text(built)
+            # A chain: each stage's output feeds the next; each stage is its own cached task, so
+            # variants that share a prefix of stages build it once.
+            stages, failure, stage_input = [], None, model
+            for i, stage in enumerate(variant.stages):
+                built = build_variant.with_options(task_run_name=f"build-{variant.name}-{i}-{stage.technique}")(
+                    stage.technique, stage.params, stage_input, model, calibration,
+                    "cuda" if any(t.device == "cuda" for t in runnable) else "cpu", variants_dir,
+                    return_state=True,
+                )
+                if built.is_failed():
+                    failure = _error_text(built)
+                    break
+                stages.append(built.result())
+                stage_input = stages[-1].as_model()
+            if failure is not None:
+                where = f"stage {i} ({variant.stages[i].technique})" if len(variant.stages) > 1 else "build"
+                reason, text = f"{where} failed: {failure[0]}", failure[1]
                 for target in runnable:
-                    log_unbuilt_run(parent, variant, target, "failed", f"build failed: {reason}", text)
-                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"build failed: {reason}"))
+                    log_unbuilt_run(parent, variant, target, "failed", reason, text)
+                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=reason))
                 continue
-            artifact = built.result()
+            artifact = stages[-1]
             for target in runnable:
                 evaluated = evaluate_artifact.with_options(task_run_name=f"evaluate-{variant.name}@{target.name}")(
                     artifact, target, perplexity_tokens, latency, return_state=True
@@ -102,7 +108,7 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
                     results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"evaluation failed: {reason}"))
                     continue
                 metrics = evaluated.result()
-                run_id = log_variant_run(parent, variant, target, artifact, metrics, reference[target.name])
+                run_id = log_variant_run(parent, variant, target, stages, metrics, reference[target.name])
                 version = register_variant(parent, recipe.name, recipe.sha(), variant, target, artifact, run_id)
                 candidate = Candidate.measured(variant.name, version.version, metrics, reference[target.name])
                 candidates[target.name].append(candidate)

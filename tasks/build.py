@@ -1,4 +1,4 @@
-"""build_variant: run one technique on the base model into a content-addressed folder."""
+"""build_variant: run one technique (one stage of a variant) into a content-addressed folder."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from byoai.log import step_logger
 from byoai.files import atomic_folder, folder_sha256, folder_size_bytes, json_sha256
+from byoai.log import step_logger
 from tasks.data import CACHED, TokensRef, load_tokens
 from tasks.model import ModelRef
-from tasks.techniques import TECHNIQUES
+from tasks.techniques import TECHNIQUES, BuildInputs, TechniqueError, probe_ids
 
 _MARKER = ".byoai-artifact.json"
+# Relative L2 distance allowed between in-memory and reloaded logits. Exact formats reload to
+# ~1e-6; a corrupting round trip (bitsandbytes NF4 in 0.50) is off by far more.
+RELOAD_TOLERANCE = 1e-3
 
 
 class Artifact(BaseModel):
@@ -32,13 +35,36 @@ class Artifact(BaseModel):
     build_device: str
     facts: dict[str, Any]
 
+    def as_model(self) -> ModelRef:
+        """This artifact as the input of the next stage of a chain."""
+        return ModelRef(path=self.path, sha=self.sha, source=f"artifact:{self.technique}")
+
+
+def check_reload(folder: Path, in_memory_logits, ids, device: str) -> dict[str, float]:
+    """Reload the saved folder; fail if it does not compute what the in-memory model computed.
+
+    Also measures the reloaded weights' sparsity, so pruned variants report what was saved.
+    """
+    from tasks.techniques.io import load_model, logits, weight_sparsity
+
+    model, _ = load_model(folder, device_map=device)
+    reloaded = logits(model, ids)
+    rel_err = float((reloaded - in_memory_logits).norm() / in_memory_logits.norm())
+    if not rel_err <= RELOAD_TOLERANCE:
+        raise TechniqueError(
+            f"the saved artifact does not reload to the model that was built: relative logit error "
+            f"{rel_err:.3g} > {RELOAD_TOLERANCE:g} (silent corruption in the save/load round trip)"
+        )
+    return {"reload_rel_err": rel_err, "sparsity": weight_sparsity(model)}
+
 
 @task(cache_policy=CACHED, persist_result=True)
 def build_variant(
     technique: str,
     params: dict[str, Any],
     model: ModelRef,
-    calibration: TokensRef | None,
+    base: ModelRef,
+    calibration: TokensRef,
     device: str,
     variants_dir: str,
 ) -> Artifact:
@@ -49,7 +75,8 @@ def build_variant(
             "technique": technique,
             "params": config.model_dump(mode="json"),
             "model": model.sha,
-            "calibration": calibration.sha if spec.needs_calibration and calibration else None,
+            "base": base.sha if model.sha != base.sha else None,
+            "calibration": calibration.sha if spec.needs_calibration else None,
             "device": device,
         }
     )
@@ -59,21 +86,25 @@ def build_variant(
         step_logger().info("reusing %s", folder)
         return Artifact.model_validate_json(marker.read_text())
 
-    ids = load_tokens(calibration) if spec.needs_calibration and calibration else None
+    ids = load_tokens(calibration)
     started = time.perf_counter()
     with atomic_folder(folder) as tmp:
-        result = spec.run(Path(model.path), tmp, config, ids, device)
+        result = spec.run(BuildInputs(Path(model.path), tmp, config, ids, device, Path(base.path)))
         build_s = time.perf_counter() - started
-        built = Path(model.path) if result.model_dir == Path(model.path) else folder
-        source = tmp if built == folder else built
+        facts = json.loads(json.dumps(result.facts, default=str))
+        if result.model_dir == Path(model.path):  # nothing built (baseline): the input is the artifact
+            built, sha, size = model.path, model.sha, folder_size_bytes(Path(model.path))
+        else:
+            if result.load_kwargs:
+                from tasks.techniques.io import write_load_kwargs
+
+                write_load_kwargs(tmp, result.load_kwargs)
+            if result.probe_logits is not None:
+                facts.update(check_reload(tmp, result.probe_logits, probe_ids(ids), device))
+            built, sha, size = str(folder), folder_sha256(tmp), folder_size_bytes(tmp)
         artifact = Artifact(
-            technique=technique,
-            path=str(built),
-            sha=model.sha if built == Path(model.path) else folder_sha256(source),
-            size_bytes=folder_size_bytes(source),
-            build_s=round(build_s, 3),
-            build_device=device,
-            facts=json.loads(json.dumps(result.facts, default=str)),
+            technique=technique, path=built, sha=sha, size_bytes=size,
+            build_s=round(build_s, 3), build_device=device, facts=facts,
         )
         (tmp / _MARKER).write_text(artifact.model_dump_json())
     step_logger().info("built %s in %.1fs -> %s", technique, build_s, artifact.path)

@@ -48,11 +48,12 @@ def _sync(device: str) -> None:
 def load_artifact(path: str, target: TargetProfile):
     """Load the folder as the target will; return the model and the wall time it took."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from tasks.techniques.io import load_model
 
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, target.dtype))
-    model.to(target.device).eval()
+    # device_map places weights at load: quantized (e.g. bitsandbytes) models refuse a later .to()
+    model, _ = load_model(Path(path), dtype=getattr(torch, target.dtype), device_map=target.device)
     _sync(target.device)
     return model, time.perf_counter() - started
 

@@ -109,7 +109,7 @@ def _child(mlflow, parent: RunRef, variant: VariantSpec, target: TargetProfile, 
     )
     _log(mlflow, run.info.run_id, params={
         "technique": variant.technique,
-        **{f"param.{k}": v for k, v in variant.params.items()},
+        **{f"param.{k}": v for k, v in variant.flat_params().items()},
         "target.device": target.device,
         "target.dtype": target.dtype,
     })
@@ -121,11 +121,17 @@ def log_variant_run(
     parent: RunRef,
     variant: VariantSpec,
     target: TargetProfile,
-    artifact: Artifact,
+    stages: list[Artifact],
     metrics: Metrics,
     reference: Metrics,
 ) -> str:
-    """A finished child run with the artifact's facts and the metrics of its reloaded copy."""
+    """A finished child run with each stage's facts and the metrics of the reloaded final artifact."""
+    artifact = stages[-1]
+    facts = (
+        {f"fact.{k}": v for k, v in artifact.facts.items()}
+        if len(stages) == 1
+        else {f"stage{i}.fact.{k}": v for i, stage in enumerate(stages) for k, v in stage.facts.items()}
+    )
     mlflow = client(parent.tracking_uri)
     run_id = _child(mlflow, parent, variant, target, "finished", {
         f"{TAG}artifact_sha": artifact.sha,
@@ -134,7 +140,7 @@ def log_variant_run(
     _log(
         mlflow,
         run_id,
-        params={"build_device": artifact.build_device, **{f"fact.{k}": v for k, v in artifact.facts.items()}},
+        params={"build_device": artifact.build_device, **facts},
         metrics={
             "ppl": metrics.ppl,
             "ppl_delta_pct": ppl_delta_pct(metrics, reference),
@@ -142,7 +148,7 @@ def log_variant_run(
             "load_s": metrics.load_s,
             "prefill_ms": metrics.prefill_ms,
             "decode_tok_s": metrics.decode_tok_s,
-            "build_s": artifact.build_s,
+            "build_s": sum(stage.build_s for stage in stages),
             "ppl_tokens": metrics.ppl_tokens,
         },
     )

@@ -21,7 +21,7 @@ def test_demo_recipe_is_valid_and_resolves_targets():
     assert recipe.targets[0].device == "cpu"
     gptq = next(v for v in recipe.variants if v.technique == "gptq")
     # defaults are filled in by the technique's typed config
-    assert gptq.params["group_size"] == 64 and gptq.params["actorder"] == "static"
+    assert gptq.stages[0].params["group_size"] == 64 and gptq.stages[0].params["actorder"] == "static"
 
 
 def test_sha_ignores_formatting_but_not_content(write_recipe):
@@ -86,3 +86,17 @@ def test_cli_exit_code_2_and_nothing_written(write_recipe, workdir):
     assert not (workdir / ".byoai").exists()
     assert runner.invoke(app, ["validate", str(path)]).exit_code == 2
     assert runner.invoke(app, ["validate", str(write_recipe())]).exit_code == 0
+
+
+def test_chains_validate_each_stage(write_recipe):
+    chain = "[{name: sp-then-q, stages: [{technique: rtn, params: {bits: 8}}, {technique: gptq, params: {bits: 4, group_size: 32}}]}]"
+    recipe = load_recipe(write_recipe(variants=chain))
+    variant = recipe.variants[0]
+    assert variant.technique == "rtn+gptq"
+    assert variant.flat_params()["stage1.group_size"] == 32 and variant.flat_params()["stage0.technique"] == "rtn"
+    bad = "[{name: x, stages: [{technique: rtn}, {technique: gptq, params: {bits: 7}}]}]"
+    with pytest.raises(RecipeError, match=r"variants\[0\]\.stages\[1\]: invalid params for technique 'gptq'"):
+        load_recipe(write_recipe(variants=bad))
+    both = "[{name: x, technique: rtn, stages: [{technique: rtn}]}]"
+    with pytest.raises(RecipeError, match="either technique"):
+        load_recipe(write_recipe(variants=both))

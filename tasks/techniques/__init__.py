@@ -1,7 +1,7 @@
 """The technique registry: one module per technique, one line per technique below.
 
 A technique turns a model folder into a model folder plus facts. Each module defines a typed
-config (pydantic) and `run`; the flow never needs to change when a technique is added.
+config (pydantic) and `run(BuildInputs) -> BuildResult`; the flow never changes when one is added.
 """
 
 from __future__ import annotations
@@ -19,9 +19,25 @@ class TechniqueError(Exception):
 
 
 @dataclass(frozen=True)
+class BuildInputs:
+    model_dir: Path  # this stage's input: the base model, or the previous stage's output in a chain
+    out_dir: Path  # an empty folder to save the result into (written atomically by the caller)
+    config: BaseModel  # the technique's own typed config
+    calibration_ids: Any  # LongTensor [n_samples, seq_len]: calibration windows of the recipe
+    device: str  # "cpu" or "cuda": where to build
+    base_model_dir: Path  # the recipe's base model (e.g. the teacher for distillation)
+
+
+@dataclass(frozen=True)
 class BuildResult:
     model_dir: Path
     facts: dict[str, Any]
+    # Logits of the in-memory result on `probe_ids(calibration_ids)`. When given, the build step
+    # reloads the saved folder and fails the variant if its logits diverge (silent corruption).
+    probe_logits: Any = None
+    # Keyword arguments for from_pretrained that the saved folder needs (e.g. a quantization config
+    # applied at load time); written to byoai_load.json beside the weights.
+    load_kwargs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -29,12 +45,15 @@ class Technique:
     name: str
     summary: str
     config: type[BaseModel]
-    # run(model_dir, out_dir, config, calibration_ids, device) -> BuildResult. calibration_ids
-    # is a LongTensor [n_samples, seq_len] or None when needs_calibration is False.
-    run: Callable[..., BuildResult]
+    run: Callable[[BuildInputs], BuildResult]
     # Devices the technique can build on and whose output runs there.
     devices: frozenset[str]
     needs_calibration: bool
+
+
+def probe_ids(calibration_ids):
+    """A fixed small input for comparing a model before and after a save/reload round trip."""
+    return calibration_ids[:2, :64]
 
 
 def _registry() -> dict[str, Technique]:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict
 
-from tasks.techniques import BuildResult, Technique
+from tasks.techniques import BuildInputs, BuildResult, Technique
 
 
 class BaselineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def run(model_dir: Path, out_dir: Path, config: BaselineConfig, calibration_ids, device: str) -> BuildResult:
-    # Nothing to build: the base model folder is already a saved artifact.
-    return BuildResult(model_dir=model_dir, facts={"format": "safetensors"})
+def run(inputs: BuildInputs) -> BuildResult:
+    # Nothing to build: the input folder is already a saved artifact.
+    return BuildResult(model_dir=inputs.model_dir, facts={"format": "safetensors"})
 
 
 TECHNIQUE = Technique(

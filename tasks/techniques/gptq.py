@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from tasks.techniques import BuildResult, Technique
+from tasks.techniques import BuildInputs, BuildResult, Technique
 from tasks.techniques.weight_quant import WeightQuantConfig, quantize_with_llmcompressor
 
 
@@ -21,16 +20,17 @@ class GptqConfig(WeightQuantConfig):
     actorder: Literal["static", "group", "none"] = "static"
 
 
-def run(model_dir: Path, out_dir: Path, config: GptqConfig, calibration_ids, device: str) -> BuildResult:
+def run(inputs: BuildInputs) -> BuildResult:
     from llmcompressor.modifiers.quantization import GPTQModifier
 
+    config: GptqConfig = inputs.config
     factory = partial(
         GPTQModifier,
         dampening_frac=config.dampening_frac,
         block_size=config.block_size,
         actorder=None if config.actorder == "none" else config.actorder,
     )
-    return quantize_with_llmcompressor(model_dir, out_dir, config, factory, calibration_ids)
+    return quantize_with_llmcompressor(inputs, factory, calibrate=True)
 
 
 TECHNIQUE = Technique(

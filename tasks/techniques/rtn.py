@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
-from tasks.techniques import BuildResult, Technique
+from tasks.techniques import BuildInputs, BuildResult, Technique
 from tasks.techniques.weight_quant import WeightQuantConfig, quantize_with_llmcompressor
 
 
@@ -13,11 +12,11 @@ class RtnConfig(WeightQuantConfig):
     pass
 
 
-def run(model_dir: Path, out_dir: Path, config: RtnConfig, calibration_ids, device: str) -> BuildResult:
+def run(inputs: BuildInputs) -> BuildResult:
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     # Weight-only RTN needs no data: llmcompressor picks its data-free pipeline.
-    return quantize_with_llmcompressor(model_dir, out_dir, config, partial(QuantizationModifier), None)
+    return quantize_with_llmcompressor(inputs, partial(QuantizationModifier), calibrate=False)
 
 
 TECHNIQUE = Technique(

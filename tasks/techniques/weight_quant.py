@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import re
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildResult, TechniqueError
+from tasks.techniques import BuildInputs, BuildResult, TechniqueError, probe_ids
 
 
 class WeightQuantConfig(BaseModel):
@@ -69,14 +68,6 @@ def quantization_scheme(config: WeightQuantConfig) -> dict[str, Any]:
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=args)}
 
 
-def load_for_quantization(model_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(model_dir)
-
-
 def calibration_dataset(calibration_ids):
     from datasets import Dataset
 
@@ -84,27 +75,29 @@ def calibration_dataset(calibration_ids):
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
 
 
-def quantize_with_llmcompressor(
-    model_dir: Path, out_dir: Path, config: WeightQuantConfig, modifier_factory, calibration_ids
-) -> BuildResult:
+def oneshot_kwargs(calibration_ids) -> dict[str, Any]:
+    return dict(
+        dataset=calibration_dataset(calibration_ids),
+        max_seq_length=calibration_ids.shape[1],
+        num_calibration_samples=calibration_ids.shape[0],
+    )
+
+
+def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate: bool) -> BuildResult:
     """Load, check layers, run llmcompressor's oneshot with one modifier, save compressed."""
     from llmcompressor import oneshot
 
-    model, tokenizer = load_for_quantization(model_dir)
+    from tasks.techniques.io import load_model, logits, save_model
+
+    config: WeightQuantConfig = inputs.config
+    model, tokenizer = load_model(inputs.model_dir)
     layers = quantizable_layers(model, config)
     modifier = modifier_factory(config_groups=quantization_scheme(config), ignore=list(config.ignore))
-    kwargs: dict[str, Any] = {}
-    if calibration_ids is not None:
-        kwargs = dict(
-            dataset=calibration_dataset(calibration_ids),
-            max_seq_length=calibration_ids.shape[1],
-            num_calibration_samples=calibration_ids.shape[0],
-        )
-    oneshot(model=model, recipe=[modifier], **kwargs)
-    model.save_pretrained(out_dir, save_compressed=True)
-    tokenizer.save_pretrained(out_dir)
+    oneshot(model=model, recipe=[modifier], **(oneshot_kwargs(inputs.calibration_ids) if calibrate else {}))
+    save_model(model, tokenizer, inputs.out_dir, save_compressed=True)
     return BuildResult(
-        model_dir=out_dir,
+        model_dir=inputs.out_dir,
+        probe_logits=logits(model, probe_ids(inputs.calibration_ids)),
         facts={
             "format": "compressed-tensors",
             "library": f"llmcompressor {version('llmcompressor')}",
