@@ -65,3 +65,67 @@ def write_recipe(workdir, tiny_model):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (embedded), materialized once into the model cache."""
+    from byoai.recipe import EmbeddedModel
+    from byoai.settings import Settings
+    from tasks.model import resolve_model
+
+    return resolve_model.fn(EmbeddedModel(), str(Settings().models_dir()))
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_model):
+    from byoai.files import folder_sha256
+    from tasks.model import ModelRef
+
+    return ModelRef(path=str(tiny_model), sha=folder_sha256(tiny_model), source="test:tiny")
+
+
+class Bench:
+    """Build and evaluate techniques directly (no flow, no MLflow) on one model and its data."""
+
+    def __init__(self, model, folder: Path, n_samples: int, seq_len: int, eval_tokens: int, eval_seq_len: int):
+        from byoai.recipe import BuiltinText, CalibrationSpec, PerplexitySpec
+        from tasks.data import prepare_calibration, prepare_perplexity_tokens
+
+        self.model, self.folder = model, folder
+        self.calibration = prepare_calibration.fn(
+            CalibrationSpec(source=BuiltinText(kind="builtin", split="train"), n_samples=n_samples, seq_len=seq_len),
+            model, str(folder / "data"),
+        )
+        self.tokens = prepare_perplexity_tokens.fn(
+            PerplexitySpec(source=BuiltinText(kind="builtin", split="test"), max_tokens=eval_tokens, seq_len=eval_seq_len),
+            model, str(folder / "data"),
+        )
+
+    def build(self, technique: str, params: dict | None = None, model=None):
+        """Artifact of one technique; `model` (default: the base) may be an earlier artifact's as_model()."""
+        from tasks.build import build_variant
+        from tasks.techniques import TECHNIQUES
+
+        config = TECHNIQUES[technique].config.model_validate(params or {}).model_dump(mode="json")
+        return build_variant.fn(technique, config, model or self.model, self.model, self.calibration, "cpu", str(self.folder / "variants"))
+
+    def evaluate(self, artifact, device: str = "cpu"):
+        """Metrics of the artifact reloaded from disk (perplexity, size, latency)."""
+        from byoai.recipe import LatencySpec, TargetProfile
+        from tasks.evaluate import evaluate_artifact
+
+        target = TargetProfile(name=f"test-{device}", device=device, techniques=(artifact.technique,))
+        return evaluate_artifact.fn(artifact, target, self.tokens, LatencySpec(prompt_tokens=16, new_tokens=4, warmup=0, repeats=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tiny_ref, tmp_path_factory) -> Bench:
+    """The tiny model with 8 x 64 calibration tokens and 512 evaluation tokens."""
+    return Bench(tiny_ref, tmp_path_factory.mktemp("tiny-bench"), n_samples=8, seq_len=64, eval_tokens=512, eval_seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def smol_bench(smollm2, tmp_path_factory) -> Bench:
+    """SmolLM2-135M with 16 x 256 calibration tokens and 2,048 evaluation tokens (CI-sized)."""
+    return Bench(smollm2, tmp_path_factory.mktemp("smol-bench"), n_samples=16, seq_len=256, eval_tokens=2048, eval_seq_len=512)

@@ -6,6 +6,7 @@ config (pydantic) and `run(BuildInputs) -> BuildResult`; the flow never changes 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,13 @@ def probe_ids(calibration_ids):
     return calibration_ids[:2, :64]
 
 
-def _registry() -> dict[str, Technique]:
-    from tasks.techniques import baseline, gptq, rtn
+# One line per technique: the module in this package that defines TECHNIQUE.
+_MODULES = (
+    "baseline",
+    "rtn",
+    "gptq",
+)
 
-    return {t.name: t for t in (baseline.TECHNIQUE, rtn.TECHNIQUE, gptq.TECHNIQUE)}
-
-
-TECHNIQUES: dict[str, Technique] = _registry()
+TECHNIQUES: dict[str, Technique] = {
+    t.name: t for t in (importlib.import_module(f"{__name__}.{m}").TECHNIQUE for m in _MODULES)
+}

@@ -38,6 +38,37 @@ def load_model(model_dir: Path, **kwargs):
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
+def load_stage_input(model_dir: Path):
+    """A stage's input as a plain dense float32 model, whatever format the previous stage saved.
+
+    compressed-tensors folders (llmcompressor's output: quantized and/or sparse) are decompressed
+    and rebuilt without their quantization config, so the next technique starts from ordinary
+    Linear weights. Other quantized formats cannot be undone: quantize last in a chain.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None and not load_kwargs(Path(model_dir)):
+        return load_model(model_dir)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if method != "compressed-tensors":
+        from tasks.techniques import TechniqueError
+
+        raise TechniqueError(
+            f"a stage cannot start from a {method or 'load-time quantized'} checkpoint ({model_dir}); "
+            "put this quantization last in the chain"
+        )
+    loaded, tokenizer = load_model(model_dir, quantization_config=CompressedTensorsConfig(dequantize=True))
+    dense_config = AutoConfig.from_pretrained(model_dir)
+    del dense_config.quantization_config
+    model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
+    wanted = model.state_dict().keys()
+    model.load_state_dict({k: v for k, v in loaded.state_dict().items() if k in wanted}, strict=True)
+    return model.eval(), tokenizer
+
+
 def save_model(model, tokenizer, out_dir: Path, **kwargs) -> None:
     model.save_pretrained(out_dir, **kwargs)
     tokenizer.save_pretrained(out_dir)

@@ -87,10 +87,10 @@ def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate
     """Load, check layers, run llmcompressor's oneshot with one modifier, save compressed."""
     from llmcompressor import oneshot
 
-    from tasks.techniques.io import load_model, logits, save_model
+    from tasks.techniques.io import load_stage_input, logits, save_model
 
     config: WeightQuantConfig = inputs.config
-    model, tokenizer = load_model(inputs.model_dir)
+    model, tokenizer = load_stage_input(inputs.model_dir)
     layers = quantizable_layers(model, config)
     modifier = modifier_factory(config_groups=quantization_scheme(config), ignore=list(config.ignore))
     oneshot(model=model, recipe=[modifier], **(oneshot_kwargs(inputs.calibration_ids) if calibrate else {}))

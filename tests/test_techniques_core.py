@@ -1,0 +1,31 @@
+"""baseline, rtn, gptq built directly: the save/reload check and measured facts."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.build import RELOAD_TOLERANCE
+
+
+def test_rtn_artifact_reloads_exactly_and_reports_facts(tiny_bench):
+    artifact = tiny_bench.build("rtn", {"bits": 4, "group_size": 32})
+    assert artifact.facts["format"] == "compressed-tensors"
+    assert artifact.facts["reload_rel_err"] <= RELOAD_TOLERANCE
+    assert artifact.facts["quantized_layers"] == 14  # 2 layers x (4 attention + 3 MLP projections)
+    assert 0 <= artifact.facts["sparsity"] < 0.2
+
+
+def test_chain_stage_feeds_the_next(tiny_bench):
+    first = tiny_bench.build("rtn", {"bits": 8, "group_size": 32})
+    second = tiny_bench.build("gptq", {"bits": 4, "group_size": 32}, model=first.as_model())
+    assert second.path != first.path and second.size_bytes < first.size_bytes
+    # the same chain again is the same content-addressed folder
+    assert tiny_bench.build("gptq", {"bits": 4, "group_size": 32}, model=first.as_model()).path == second.path
+
+
+@pytest.mark.slow
+def test_gptq_beats_rtn_on_smollm2(smol_bench):
+    # 16 x 256 calibration tokens, 2,048 evaluation tokens, group 64 (128 does not divide 576)
+    rtn = smol_bench.evaluate(smol_bench.build("rtn", {"bits": 4, "group_size": 64}))
+    gptq = smol_bench.evaluate(smol_bench.build("gptq", {"bits": 4, "group_size": 64}))
+    assert gptq.ppl <= rtn.ppl
