@@ -73,6 +73,31 @@ def _num(value: float | None, spec: str) -> str:
 
 
 @app.command()
+def techniques() -> None:
+    """The capability matrix: where each technique builds and runs, and what this worker can run."""
+    from byoai import devices
+    from byoai.recipe import available_targets, load_target
+    from tasks.techniques import TECHNIQUES
+
+    table = Table(title="techniques x devices")
+    for column in ("technique", "cpu", "cuda", "calibration", "in targets", "what"):
+        table.add_column(column)
+    targets = [load_target(path) for path in available_targets(None).values()]
+    for name, technique in sorted(TECHNIQUES.items()):
+        table.add_row(
+            name,
+            *("yes" if device in technique.devices else "-" for device in ("cpu", "cuda")),
+            "yes" if technique.needs_calibration else "no",
+            ", ".join(t.name for t in targets if name in t.techniques) or "-",
+            technique.summary,
+        )
+    console.print(table)
+    for device in ("cpu", "cuda"):
+        reason = devices.unavailable_reason(device)
+        console.print(f"{device} on this worker: " + ("available" if reason is None else reason))
+
+
+@app.command()
 def champions(name: str, tracking_uri: TrackingUri = None) -> None:
     """Show the champion-<target> aliases of a registered model and their metrics."""
     from mlflow.exceptions import MlflowException

@@ -179,3 +179,31 @@ def test_cli_run_prints_the_table_and_champions(write_recipe, workdir):
     assert shown.exit_code == 0 and "champion-cpu-x86" in shown.output and "rtn-w4-g32" in shown.output
     missing = runner.invoke(app, ["champions", "nope", "--tracking-uri", f"sqlite:///{workdir / 'elsewhere.db'}"])
     assert missing.exit_code == 2 and "no registered model 'nope'" in missing.output
+
+
+def test_chains_share_their_prefix_and_unlisted_techniques_are_skipped(write_recipe, workdir):
+    (workdir / "targets").mkdir()
+    (workdir / "targets" / "cpu-lab.yaml").write_text("name: cpu-lab\ndevice: cpu\ntechniques: [baseline, rtn, gptq]\n")
+    recipe = load_recipe(write_recipe(
+        targets="[cpu-lab]",
+        variants="""
+  - {name: r8-g4, stages: [{technique: rtn, params: {bits: 8, group_size: 32}}, {technique: gptq, params: {bits: 4, group_size: 32}}]}
+  - {name: r8-r4, stages: [{technique: rtn, params: {bits: 8, group_size: 32}}, {technique: rtn, params: {bits: 4, group_size: 32}}]}
+  - {name: r8-distill, stages: [{technique: rtn, params: {bits: 8, group_size: 32}}, {technique: distill, params: {steps: 2}}]}""",
+    ))
+    summary = run_optimize(recipe)
+    rows = {r.variant: r for r in summary.results}
+    assert rows["r8-g4"].status == rows["r8-r4"].status == "finished"
+    assert rows["r8-distill"].status == "skipped"
+    assert rows["r8-distill"].reason == "target cpu-lab does not list technique distill (its profile's `techniques`)"
+    assert rows["r8-g4"].technique == "rtn+gptq"
+
+    client = mlflow_client(workdir)
+    run = client.get_run(rows["r8-g4"].run_id)
+    assert run.data.params["param.stage0.technique"] == "rtn" and run.data.params["param.stage1.bits"] == "4"
+    assert "stage0.fact.reload_rel_err" in run.data.params and "stage1.fact.quantized_layers" in run.data.params
+    # the shared first stage ran once; the second variant found it in Prefect's cache
+    states = task_states(client.get_run(summary.parent_run_id).data.tags["prefect.flow_run_id"])
+    assert states["build-r8-g4-0-rtn"] == "Completed"
+    assert states["build-r8-r4-0-rtn"] == "Cached"
+    assert "build-r8-distill-0-rtn" not in states

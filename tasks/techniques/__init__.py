@@ -62,6 +62,7 @@ _MODULES = (
     "baseline",
     "rtn",
     "gptq",
+    "distill",
 )
 
 TECHNIQUES: dict[str, Technique] = {
