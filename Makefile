@@ -1,7 +1,7 @@
 # The two set-up commands of the README. Each installs what it needs first (infra/install.sh).
 VENV ?= .venv
 
-.PHONY: install demo test
+.PHONY: install demo test stack
 
 install:
 	bash infra/install.sh
@@ -9,5 +9,9 @@ install:
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/byoai run recipes/demo.yaml
 
-test: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+# Starts the service stack (PostgreSQL, Prefect and MLflow servers, a worker) for its tests.
+test:
+	bash infra/test.sh $(PYTEST_ARGS)
+
+stack:
+	bash infra/install.sh && bash infra/system-packages.sh && bash infra/stack.sh start

@@ -68,6 +68,31 @@ def run(recipe: Path, tracking_uri: TrackingUri = None) -> None:
     console.print(f"MLflow parent run {summary.parent_run_id}; open the UI with:\n  mlflow ui --backend-store-uri {summary.tracking_uri}")
 
 
+@app.command()
+def deploy(
+    recipe: Path,
+    pool: Annotated[str | None, typer.Option(help="work pool (default: the first target's work_pool)")] = None,
+    cron: Annotated[str | None, typer.Option(help="cron schedule (default: the recipe's schedule)")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Create or update a Prefect deployment of the recipe (needs PREFECT_API_URL: a server)."""
+    parsed = _load(recipe)
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        err.print("[bold red]no Prefect server:[/] set PREFECT_API_URL (infra/stack.sh start prints it)")
+        raise typer.Exit(2)
+    from flows.deploy import deploy_recipe
+
+    try:
+        deployment_id = deploy_recipe(parsed, pool, cron, tracking_uri)
+    except Exception as exc:
+        err.print(f"[bold red]deploy failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"deployment optimize/{parsed.name} ({deployment_id}) on pool {pool or parsed.targets[0].work_pool}")
+    console.print(f"trigger it: prefect deployment run 'optimize/{parsed.name}'")
+
+
 def _num(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 

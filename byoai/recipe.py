@@ -179,6 +179,8 @@ class TargetProfile(_Strict):
     # CPU threads for evaluation; None lets torch decide.
     threads: int | None = Field(default=None, ge=1)
     techniques: tuple[str, ...]
+    # The Prefect work pool whose workers have this hardware (see infra/, `byoai deploy`).
+    work_pool: Name = "cpu"
 
     @field_validator("techniques")
     @classmethod
@@ -283,6 +285,24 @@ class GateSpec(_Strict):
     max_ppl_increase_pct: float = Field(default=10.0, ge=0)
 
 
+class ScheduleSpec(_Strict):
+    """When a deployment of this recipe runs (`byoai deploy`)."""
+
+    cron: str
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=value)
+        except ValueError as exc:
+            raise ValueError(f"'{value}' is not a valid cron expression: {exc}") from None
+        return value
+
+
 class PromotionSpec(_Strict):
     gate: GateSpec = GateSpec()
     # Among variants that pass the gate: smallest on disk, fastest decode, or lowest perplexity.
@@ -299,6 +319,7 @@ class Recipe(_Strict):
     targets: tuple[TargetProfile, ...]
     variants: tuple[VariantSpec, ...]
     promotion: PromotionSpec = PromotionSpec()
+    schedule: ScheduleSpec | None = None
 
     @field_validator("model", mode="before")
     @classmethod

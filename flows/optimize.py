@@ -36,7 +36,19 @@ def _error_text(state) -> tuple[str, str]:
     return str(state.message), str(state.message)
 
 
-@flow(name="optimize", log_prints=True)
+def mark_failed_in_mlflow(flow, flow_run, state) -> None:
+    """Flow hook: a failed or crashed flow run marks its MLflow parent run FAILED, with the reason.
+
+    The flow's own `finally` does this for errors it sees; this covers crashes and cancellations
+    that end the flow run from outside (a killed worker, a cancelled run).
+    """
+    from tasks.tracking import mark_flow_run_failed
+
+    uri = Settings().tracking(flow_run.parameters.get("tracking_uri"))
+    mark_flow_run_failed(uri, str(flow_run.id), f"{state.name}: {state.message or ''}")
+
+
+@flow(name="optimize", log_prints=True, on_failure=[mark_failed_in_mlflow], on_crashed=[mark_failed_in_mlflow], on_cancellation=[mark_failed_in_mlflow])
 def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
     settings = Settings()
     uri = settings.tracking(tracking_uri)

@@ -243,3 +243,16 @@ def finish_parent_run(parent: RunRef, results: list[dict[str, Any]], decisions: 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     return {k: [row.get(k) for row in rows] for k in keys}
+
+
+def mark_flow_run_failed(tracking_uri: str, flow_run_id: str, reason: str) -> None:
+    """Mark the parent run of a Prefect flow run FAILED (used by the flow's failure hooks)."""
+    mlflow = client(tracking_uri)
+    runs = mlflow.search_runs(
+        [e.experiment_id for e in mlflow.search_experiments()],
+        f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    )
+    for run in runs:
+        mlflow.set_tag(run.info.run_id, f"{TAG}failure", reason[:5000])
+        if run.info.status == "RUNNING":
+            mlflow.set_terminated(run.info.run_id, "FAILED")

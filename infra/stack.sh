@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The byoai service stack on one machine, without Docker, for development and tests:
+# PostgreSQL (Debian packages) -> Prefect server + MLflow server on it -> work pools -> a process worker.
+#
+#   infra/stack.sh start     start everything (idempotent), print the environment to use it
+#   infra/stack.sh env       print the environment (eval "$(infra/stack.sh env)")
+#   infra/stack.sh stop      stop everything started here
+#   infra/stack.sh status
+#
+# Settings (environment): BYOAI_STACK_DIR (default ./.byoai/stack), BYOAI_PG_PORT (55432),
+# BYOAI_PREFECT_PORT (4200), BYOAI_MLFLOW_PORT (5000), BYOAI_WORK_POOLS ("cpu"),
+# BYOAI_START_WORKER (1). Everything listens on 127.0.0.1 only.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+stack="${BYOAI_STACK_DIR:-$root/.byoai/stack}"
+pg_port="${BYOAI_PG_PORT:-55432}"
+prefect_port="${BYOAI_PREFECT_PORT:-4200}"
+mlflow_port="${BYOAI_MLFLOW_PORT:-5000}"
+pools="${BYOAI_WORK_POOLS:-cpu}"
+venv="${BYOAI_VENV:-$root/.venv}"
+bin="$venv/bin"
+pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+
+prefect_db="postgresql+asyncpg://byoai:byoai@127.0.0.1:$pg_port/prefect"
+mlflow_db="postgresql://byoai:byoai@127.0.0.1:$pg_port/mlflow"
+
+env_lines() {
+  echo "export PREFECT_API_URL=http://127.0.0.1:$prefect_port/api"
+  echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$mlflow_port"
+  echo "export BYOAI_STACK_DIR=$stack"
+}
+
+as_postgres() {
+  # initdb and postgres refuse to run as root: use the postgres account the Debian package made.
+  if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi
+}
+
+wait_http() {  # url, name, seconds
+  local deadline=$((SECONDS + $3))
+  until curl -fsS "$1" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "$2 did not answer at $1 within $3 s; see $stack/$2.log" >&2
+      tail -n 30 "$stack/$2.log" >&2 || true
+      exit 1
+    fi
+    sleep 1
+  done
+}
+
+running() { [ -f "$stack/$1.pid" ] && kill -0 "$(cat "$stack/$1.pid")" 2>/dev/null; }
+
+start_bg() {  # name, command...
+  local name=$1; shift
+  running "$name" && return 0
+  nohup "$@" >"$stack/$name.log" 2>&1 &
+  echo $! >"$stack/$name.pid"
+}
+
+start_postgres() {
+  if [ -z "$pg_bin" ]; then
+    echo "PostgreSQL is not installed: apt-get install -y postgresql" >&2
+    exit 1
+  fi
+  mkdir -p "$stack/pg"
+  [ "$(id -u)" = 0 ] && chown postgres:postgres "$stack" "$stack/pg"
+  if [ ! -f "$stack/pg/data/PG_VERSION" ]; then
+    as_postgres "$pg_bin/initdb -D '$stack/pg/data' -U postgres --auth=trust >'$stack/pg/initdb.log'"
+  fi
+  if ! as_postgres "$pg_bin/pg_ctl -D '$stack/pg/data' status" >/dev/null 2>&1; then
+    as_postgres "$pg_bin/pg_ctl -D '$stack/pg/data' -l '$stack/pg/server.log' -w -o \"-p $pg_port -k '$stack/pg' -c listen_addresses=127.0.0.1\" start" >/dev/null
+  fi
+  local psql=("$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -v ON_ERROR_STOP=1 -qtA)
+  "${psql[@]}" -c "SELECT 1 FROM pg_roles WHERE rolname='byoai'" | grep -q 1 ||
+    "${psql[@]}" -c "CREATE ROLE byoai LOGIN PASSWORD 'byoai'"
+  for db in prefect mlflow; do
+    "${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname='$db'" | grep -q 1 ||
+      "${psql[@]}" -c "CREATE DATABASE $db OWNER byoai"
+  done
+}
+
+start() {
+  mkdir -p "$stack"
+  start_postgres
+  PREFECT_API_DATABASE_CONNECTION_URL="$prefect_db" PREFECT_HOME="$stack/prefect-home" \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL="http://127.0.0.1:$prefect_port/api" \
+    start_bg prefect "$bin/prefect" server start --host 127.0.0.1 --port "$prefect_port"
+  # --serve-artifacts: clients upload artifacts through the server (mlflow-artifacts:/ URIs), so a
+  # worker elsewhere needs only the tracking URI. Production swaps the folder for S3 (see compose).
+  start_bg mlflow "$bin/mlflow" server --backend-store-uri "$mlflow_db" \
+    --artifacts-destination "$stack/mlartifacts" --serve-artifacts \
+    --host 127.0.0.1 --port "$mlflow_port" --workers 1
+  wait_http "http://127.0.0.1:$prefect_port/api/health" prefect 120
+  wait_http "http://127.0.0.1:$mlflow_port/health" mlflow 120
+  export PREFECT_API_URL="http://127.0.0.1:$prefect_port/api"
+  for pool in $pools; do
+    "$bin/prefect" work-pool inspect "$pool" >/dev/null 2>&1 ||
+      "$bin/prefect" work-pool create "$pool" --type process >/dev/null
+  done
+  if [ "${BYOAI_START_WORKER:-1}" = 1 ]; then
+    for pool in $pools; do
+      (cd "$root" && start_bg "worker-$pool" "$bin/prefect" worker start --pool "$pool" --type process)
+    done
+  fi
+  env_lines
+}
+
+stop() {
+  for pidfile in "$stack"/*.pid; do
+    [ -f "$pidfile" ] || continue
+    kill "$(cat "$pidfile")" 2>/dev/null || true
+    rm -f "$pidfile"
+  done
+  if [ -n "$pg_bin" ] && [ -f "$stack/pg/data/PG_VERSION" ]; then
+    as_postgres "$pg_bin/pg_ctl -D '$stack/pg/data' -m fast stop" >/dev/null 2>&1 || true
+  fi
+}
+
+status() {
+  for name in prefect mlflow $(for p in $pools; do echo "worker-$p"; done); do
+    if running "$name"; then echo "$name: running (pid $(cat "$stack/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+  as_postgres "$pg_bin/pg_ctl -D '$stack/pg/data' status" >/dev/null 2>&1 && echo "postgres: running (port $pg_port)" || echo "postgres: stopped"
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  env) env_lines ;;
+  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+esac

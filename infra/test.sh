@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command (make test): install, start the service stack, run pytest, stop the stack.
+# Arguments go to pytest. BYOAI_TEST_STACK=0 runs without the stack (its tests are skipped).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+bash infra/install.sh
+if [ "${BYOAI_TEST_STACK:-1}" = 1 ]; then
+  bash infra/system-packages.sh
+  export BYOAI_STACK_DIR="${BYOAI_STACK_DIR:-$root/.byoai/test-stack}"
+  started=$(date +%s)
+  eval "$(bash infra/stack.sh start)"
+  echo "service stack up in $(( $(date +%s) - started )) s"
+  trap 'bash infra/stack.sh stop' EXIT
+  # The stack's tests read these; everything else keeps its own (temporary) Prefect and MLflow.
+  export BYOAI_STACK_PREFECT_API_URL="$PREFECT_API_URL" BYOAI_STACK_MLFLOW_URI="$MLFLOW_TRACKING_URI"
+  unset PREFECT_API_URL MLFLOW_TRACKING_URI
+fi
+HF_HUB_OFFLINE=1 .venv/bin/python -m pytest "$@"

@@ -1,0 +1,192 @@
+"""byoai as a service: the real stack (PostgreSQL, Prefect server, MLflow server, a process worker).
+
+Started by `infra/stack.sh start` (make test and .ci/run do it); skipped when it is not running.
+Everything is checked through the servers' APIs, and the UIs in a real browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from byoai.recipe import load_recipe
+
+PREFECT = os.environ.get("BYOAI_STACK_PREFECT_API_URL", "")
+MLFLOW = os.environ.get("BYOAI_STACK_MLFLOW_URI", "")
+SCREENSHOTS = Path(os.environ.get("BYOAI_TEST_ARTIFACTS", "test-artifacts")).resolve()
+
+
+def _up(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(url, timeout=3).status == 200
+    except OSError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.skipif(
+        not (PREFECT and MLFLOW and _up(f"{PREFECT}/health") and _up(f"{MLFLOW}/health")),
+        reason="service stack not running (infra/stack.sh start; make test starts it)",
+    ),
+]
+
+
+@pytest.fixture
+def on_stack():
+    """Point Prefect at the stack's server (the session's test harness points elsewhere)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: PREFECT}):
+        yield
+
+
+def prefect_call(fn):
+    from prefect.client.orchestration import get_client
+
+    async def call():
+        async with get_client() as client:
+            return await fn(client)
+
+    return asyncio.run(call())
+
+
+def task_runs(flow_run_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return prefect_call(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))
+
+
+def mlflow():
+    from mlflow import MlflowClient
+
+    return MlflowClient(MLFLOW, MLFLOW)
+
+
+def deploy_and_run(recipe_path: Path):
+    from prefect.deployments import run_deployment
+
+    from flows.deploy import deploy_recipe
+
+    recipe = load_recipe(recipe_path)
+    deploy_recipe(recipe, tracking_uri=MLFLOW)
+    return recipe, run_deployment(f"optimize/{recipe.name}", timeout=900, poll_interval=2)
+
+
+def unique(name: str) -> str:
+    return f"{name}-{int(time.time() * 1000) % 10**9}"
+
+
+def test_scheduled_deployment_runs_on_a_worker(write_recipe, on_stack):
+    name = unique("stack")
+    path = write_recipe(
+        name=name,
+        targets="[cpu-x86]",
+        variants="[{name: baseline, technique: baseline}, {name: rtn-w4-g32, technique: rtn, params: {group_size: 32}}]",
+    )
+    path.write_text(path.read_text() + 'schedule: {cron: "0 3 * * 1", timezone: "UTC"}\n')
+    recipe, flow_run = deploy_and_run(path)
+    assert flow_run.state.name == "Completed", flow_run.state.message
+
+    deployment = prefect_call(lambda c: c.read_deployment_by_name(f"optimize/{name}"))
+    assert deployment.work_pool_name == "cpu"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
+    states = {run.name: run.state.name for run in task_runs(flow_run.id)}
+    assert states["build-rtn-w4-g32-0-rtn"] == "Completed"
+    assert any(k.startswith("promote_champion") for k in states)
+    assert set(states.values()) <= {"Completed", "Cached"}, states  # baseline variant = reference build
+
+    client = mlflow()
+    parent = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = client.search_runs([parent[0].info.experiment_id], f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'")
+    assert sorted(r.data.tags["byoai.variant"] for r in children) == ["baseline", "rtn-w4-g32"]
+    champion = client.get_model_version_by_alias(name, "champion-cpu-x86")
+    assert champion.tags["byoai.variant"] == "rtn-w4-g32"
+    # artifacts went through the MLflow server (served artifacts), not to a local path
+    assert champion.source.startswith("mlflow-artifacts:")
+    browse_uis(flow_run, name)
+
+
+def browse_uis(flow_run, model_name: str) -> None:
+    """Both UIs in Debian's Chromium, driven by Playwright: the run, its tasks, the champion alias."""
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    ui = PREFECT.removesuffix("/api")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
+        page.get_by_text(flow_run.name).first.wait_for(timeout=60_000)
+        page.get_by_text("Completed").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(SCREENSHOTS / "prefect-flow-run.png"), full_page=True)
+        page.get_by_role("tab", name="Task Runs").click()
+        page.get_by_text("build-rtn-w4-g32-0-rtn").first.wait_for(timeout=60_000)
+        page.get_by_text("evaluate-rtn-w4-g32@cpu-x86").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(SCREENSHOTS / "prefect-task-runs.png"), full_page=True)
+
+        page.goto(f"{MLFLOW}/#/models/{model_name}")
+        page.get_by_text("champion-cpu-x86").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(SCREENSHOTS / "mlflow-registered-model.png"), full_page=True)
+        browser.close()
+
+
+def test_a_cancelled_run_resumes_from_persisted_results(write_recipe, on_stack):
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    from flows.deploy import deploy_recipe
+
+    name = unique("resume")
+    path = write_recipe(
+        name=name,
+        targets="[cpu-x86]",
+        variants="""
+  - {name: rtn-w4-g32, technique: rtn, params: {group_size: 32}}
+  - {name: slow-distill, stages: [{technique: rtn, params: {bits: 8, group_size: 32}}, {technique: distill, params: {steps: 500, batch_size: 8}}]}""",
+    )
+    (path.parent / "targets").mkdir(exist_ok=True)
+    (path.parent / "targets" / "cpu-x86.yaml").write_text("name: cpu-x86\ndevice: cpu\ntechniques: [baseline, rtn, distill]\n")
+    recipe = load_recipe(path)
+    deploy_recipe(recipe, tracking_uri=MLFLOW)
+    first = run_deployment(f"optimize/{name}", timeout=0)
+
+    # wait until the first variant is registered, then cancel the run mid-distillation
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        states = {r.name: r.state.name for r in task_runs(first.id)}
+        if any(k.startswith("register_variant") and v == "Completed" for k, v in states.items()) and "build-slow-distill-1-distill" in states:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"the first variant never finished: {states}")
+    prefect_call(lambda c: c.set_flow_run_state(first.id, Cancelling(), force=True))
+    while prefect_call(lambda c: c.read_flow_run(first.id)).state.type not in {StateType.CANCELLED, StateType.CRASHED, StateType.FAILED}:
+        time.sleep(1)
+
+    client = mlflow()
+    parent = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`prefect.flow_run_id` = '{first.id}'")[0]
+    assert parent.info.status == "FAILED" and "byoai.failure" in parent.data.tags  # the flow hook
+    before = [v.version for v in client.search_model_versions(f"name='{name}'")]
+    assert len(before) == 1
+
+    # the re-run finds every finished step in the persisted results: nothing recomputed
+    second = run_deployment(f"optimize/{name}", timeout=900, poll_interval=2)
+    assert second.state.name == "Completed", second.state.message
+    states = {r.name: r.state.name for r in task_runs(second.id)}
+    assert states["build-rtn-w4-g32-0-rtn"] == "Cached"
+    assert states["evaluate-rtn-w4-g32@cpu-x86"] == "Cached"
+    assert states["build-slow-distill-0-rtn"] == "Cached"
+    after = {v.tags["byoai.variant"]: v.version for v in client.search_model_versions(f"name='{name}'")}
+    assert sorted(after) == ["rtn-w4-g32", "slow-distill"] and after["rtn-w4-g32"] == before[0]
