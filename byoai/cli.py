@@ -89,8 +89,8 @@ def deploy(
     except Exception as exc:
         err.print(f"[bold red]deploy failed:[/] {type(exc).__name__}: {exc}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"deployment optimize/{parsed.name} ({deployment_id}) on pool {pool or parsed.targets[0].work_pool}")
-    console.print(f"trigger it: prefect deployment run 'optimize/{parsed.name}'")
+    console.print(f"deployment byoai/{parsed.name} ({deployment_id}) on pool {pool or parsed.targets[0].work_pool}")
+    console.print(f"trigger it: prefect deployment run 'byoai/{parsed.name}'")
 
 
 def _num(value: float | None, spec: str) -> str:

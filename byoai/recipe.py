@@ -303,6 +303,18 @@ class ScheduleSpec(_Strict):
         return value
 
 
+class ExecutionSpec(_Strict):
+    """How variants run: Prefect task runner and parallelism (settings BYOAI_RUNNER/BYOAI_MAX_WORKERS override)."""
+
+    # threads: in the flow's process; dask / ray: worker processes, local or an existing cluster.
+    runner: Literal["threads", "dask", "ray"] = "threads"
+    # Builds and evaluations at once. 1 keeps latency measurements free of interference; heavy
+    # tasks are also tagged byoai-<device> so a Prefect concurrency limit can cap them per device.
+    max_workers: int = Field(default=1, ge=1, le=64)
+    # An existing Dask scheduler (tcp://...) or Ray cluster (ray://...) instead of a local one.
+    address: str | None = None
+
+
 class PromotionSpec(_Strict):
     gate: GateSpec = GateSpec()
     # Among variants that pass the gate: smallest on disk, fastest decode, or lowest perplexity.
@@ -320,6 +332,7 @@ class Recipe(_Strict):
     variants: tuple[VariantSpec, ...]
     promotion: PromotionSpec = PromotionSpec()
     schedule: ScheduleSpec | None = None
+    execution: ExecutionSpec = ExecutionSpec()
 
     @field_validator("model", mode="before")
     @classmethod

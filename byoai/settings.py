@@ -19,6 +19,10 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("BYOAI_TRACKING_URI", "MLFLOW_TRACKING_URI")
     )
 
+    # Override the recipe's execution block on this machine (e.g. more workers on a big box).
+    runner: str | None = None
+    max_workers: int | None = None
+
     def resolved_home(self) -> Path:
         return self.home.expanduser().resolve()
 

@@ -12,18 +12,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def deploy_recipe(recipe: Recipe, work_pool: str | None = None, cron: str | None = None, tracking_uri: str | None = None) -> UUID:
-    """Create or update the deployment `optimize/<recipe name>`; return its id.
+    """Create or update the deployment `byoai/<recipe name>`; return its id.
 
     The pool defaults to the first target's; the schedule to the recipe's `schedule`. Workers run
     the flow from this checkout (a process pool on this machine, or the same image elsewhere).
     """
-    from flows.optimize import optimize
+    from flows.optimize import byoai_deployment
 
     settings = Settings()
     pool = work_pool or recipe.targets[0].work_pool
     schedule = cron or (recipe.schedule.cron if recipe.schedule else None)
     home = settings.resolved_home()
-    flow = optimize.from_source(source=str(ROOT), entrypoint="flows/optimize.py:optimize")
+    flow = byoai_deployment.from_source(source=str(ROOT), entrypoint="flows/optimize.py:byoai_deployment")
     return flow.deploy(
         name=recipe.name,
         work_pool_name=pool,

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from byoai.capability import skip_reason
 from byoai.recipe import Recipe
+from byoai.runners import execution, task_runner
 from byoai.settings import Settings
 from byoai.summary import ResultRow, RunSummary
 from tasks.build import build_variant
@@ -54,7 +55,9 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
     uri = settings.tracking(tracking_uri)
     # The artifact folder is ours to choose only for the default local store.
     artifact_root = str(settings.default_artifact_root()) if uri == Settings(tracking_uri=None).tracking() else None
-    parent = start_parent_run(recipe, uri, artifact_root, {"id": str(flow_run.id or ""), "name": str(flow_run.name or "")})
+    parent = start_parent_run(recipe, uri, artifact_root, {
+        "id": str(flow_run.id or ""), "name": str(flow_run.name or ""), "root_id": str(flow_run.root_flow_run_id or ""),
+    })
     results: list[ResultRow] = []
     decisions: list[dict] = []
     status = "FAILED"
@@ -70,16 +73,20 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
         latency = recipe.evaluation.latency
         variants_dir = str(settings.variants_dir())
 
-        # The gate's reference: the base model, measured on each target like every variant.
-        base = build_variant("baseline", {}, model, model, calibration, "cpu", variants_dir)
+        def heavy(task, name: str, device: str):
+            # Tagged per device: a Prefect concurrency limit on byoai-<device> keeps one heavy job
+            # per GPU / CPU worker however many the task runner would start.
+            return task.with_options(task_run_name=name, tags=["byoai", f"byoai-{device}"])
+
+        # Submit the work; the task runner (recipe `execution`) decides what runs in parallel.
+        # The gate's reference is the base model, measured on each target like every variant.
+        base = heavy(build_variant, "build-reference", "cpu").submit("baseline", {}, model, model, calibration, "cpu", variants_dir)
         reference = {
-            t.name: evaluate_artifact.with_options(task_run_name=f"evaluate-reference@{t.name}")(
-                base, t, perplexity_tokens, latency
-            )
+            t.name: heavy(evaluate_artifact, f"evaluate-reference@{t.name}", t.device).submit(base, t, perplexity_tokens, latency)
             for t in targets
         }
-
-        candidates: dict[str, list[Candidate]] = defaultdict(list)
+        builds: dict[tuple, object] = {}  # stage prefix -> future: variants sharing a prefix build it once
+        chains = []
         for variant in recipe.variants:
             runnable = [t for t in recipe.targets if plan[variant.name, t.name] is None]
             for target in recipe.targets:
@@ -88,48 +95,57 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
                     results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="skipped", reason=reason))
             if not runnable:
                 continue
-            # A chain: each stage's output feeds the next; each stage is its own cached task, so
-            # variants that share a prefix of stages build it once.
-            stages, failure, stage_input = [], None, model
+            device = "cuda" if any(t.device == "cuda" for t in runnable) else "cpu"
+            # A chain: each stage's output (a future) is the next stage's input.
+            stages, upstream = [], model
             for i, stage in enumerate(variant.stages):
-                built = build_variant.with_options(task_run_name=f"build-{variant.name}-{i}-{stage.technique}")(
-                    stage.technique, stage.params, stage_input, model, calibration,
-                    "cuda" if any(t.device == "cuda" for t in runnable) else "cpu", variants_dir,
-                    return_state=True,
-                )
-                if built.is_failed():
-                    failure = _error_text(built)
-                    break
-                stages.append(built.result())
-                stage_input = stages[-1].as_model()
-            if failure is not None:
-                where = f"stage {i} ({variant.stages[i].technique})" if len(variant.stages) > 1 else "build"
-                reason, text = f"{where} failed: {failure[0]}", failure[1]
+                prefix = (device, *((s.technique, repr(sorted(s.params.items()))) for s in variant.stages[: i + 1]))
+                if prefix not in builds:
+                    builds[prefix] = heavy(build_variant, f"build-{variant.name}-{i}-{stage.technique}", device).submit(
+                        stage.technique, stage.params, upstream, model, calibration, device, variants_dir
+                    )
+                upstream = builds[prefix]
+                stages.append(upstream)
+            chains.append((variant, runnable, stages))
+
+        # As each chain finishes, evaluate its artifact on each target.
+        evaluations = []
+        for variant, runnable, stages in chains:
+            failed = next((i for i, future in enumerate(stages) if future.wait() or future.state.is_failed()), None)
+            if failed is not None:
+                where = f"stage {failed} ({variant.stages[failed].technique})" if len(variant.stages) > 1 else "build"
+                message, text = _error_text(stages[failed].state)
                 for target in runnable:
-                    log_unbuilt_run(parent, variant, target, "failed", reason, text)
-                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=reason))
+                    log_unbuilt_run(parent, variant, target, "failed", f"{where} failed: {message}", text)
+                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"{where} failed: {message}"))
                 continue
-            artifact = stages[-1]
+            built = [future.result() for future in stages]
             for target in runnable:
-                evaluated = evaluate_artifact.with_options(task_run_name=f"evaluate-{variant.name}@{target.name}")(
-                    artifact, target, perplexity_tokens, latency, return_state=True
+                future = heavy(evaluate_artifact, f"evaluate-{variant.name}@{target.name}", target.device).submit(
+                    built[-1], target, perplexity_tokens, latency
                 )
-                if evaluated.is_failed():
-                    reason, text = _error_text(evaluated)
-                    log_unbuilt_run(parent, variant, target, "failed", f"evaluation failed: {reason}", text)
-                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"evaluation failed: {reason}"))
-                    continue
-                metrics = evaluated.result()
-                run_id = log_variant_run(parent, variant, target, stages, metrics, reference[target.name])
-                version = register_variant(parent, recipe.name, recipe.sha(), variant, target, artifact, run_id)
-                candidate = Candidate.measured(variant.name, version.version, metrics, reference[target.name])
-                candidates[target.name].append(candidate)
-                results.append(ResultRow(
-                    variant=variant.name, technique=variant.technique, target=target.name, status="finished",
-                    ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
-                    load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
-                    version=version.version, run_id=run_id,
-                ))
+                evaluations.append((variant, target, built, future))
+
+        reference = {name: future.result() for name, future in reference.items()}
+        candidates: dict[str, list[Candidate]] = defaultdict(list)
+        for variant, target, built, future in evaluations:
+            future.wait()
+            if future.state.is_failed():
+                message, text = _error_text(future.state)
+                log_unbuilt_run(parent, variant, target, "failed", f"evaluation failed: {message}", text)
+                results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"evaluation failed: {message}"))
+                continue
+            metrics = future.result()
+            run_id = log_variant_run(parent, variant, target, built, metrics, reference[target.name])
+            version = register_variant(parent, recipe.name, recipe.sha(), variant, target, built[-1], run_id)
+            candidate = Candidate.measured(variant.name, version.version, metrics, reference[target.name])
+            candidates[target.name].append(candidate)
+            results.append(ResultRow(
+                variant=variant.name, technique=variant.technique, target=target.name, status="finished",
+                ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
+                load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
+                version=version.version, run_id=run_id,
+            ))
 
         for target in targets:
             decisions += promote_champion(uri, recipe.name, target.name, candidates[target.name], recipe.promotion)
@@ -164,6 +180,19 @@ def summary_markdown(summary: RunSummary) -> str:
 
 
 def run_optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
-    """Run the flow with task results persisted under BYOAI_HOME, so re-runs hit the cache."""
-    results_dir = Settings().results_dir()
-    return optimize.with_options(result_storage=Path(results_dir))(recipe=recipe, tracking_uri=tracking_uri)
+    """Run the flow with the recipe's task runner and task results persisted under BYOAI_HOME."""
+    settings = Settings()
+    return optimize_for(recipe, settings)(recipe=recipe, tracking_uri=tracking_uri)
+
+
+def optimize_for(recipe: Recipe, settings: Settings):
+    """The optimize flow configured for a recipe: its task runner, results under BYOAI_HOME."""
+    runner = task_runner(execution(recipe.execution, settings))
+    return optimize.with_options(task_runner=runner, result_storage=Path(settings.results_dir()))
+
+
+@flow(name="byoai", log_prints=True, on_failure=[mark_failed_in_mlflow], on_crashed=[mark_failed_in_mlflow], on_cancellation=[mark_failed_in_mlflow])
+def byoai_deployment(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
+    """Deployment entrypoint: `optimize` as a subflow, with the task runner the recipe asks for
+    (a deployment loads its flow from source, so options set in the caller would not reach it)."""
+    return run_optimize(recipe, tracking_uri)

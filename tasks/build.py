@@ -62,12 +62,14 @@ def check_reload(folder: Path, in_memory_logits, ids, device: str) -> dict[str, 
 def build_variant(
     technique: str,
     params: dict[str, Any],
-    model: ModelRef,
+    model: ModelRef | Artifact,
     base: ModelRef,
     calibration: TokensRef,
     device: str,
     variants_dir: str,
 ) -> Artifact:
+    if isinstance(model, Artifact):  # a chain: the previous stage's output is this stage's input
+        model = model.as_model()
     spec = TECHNIQUES[technique]
     config = spec.config.model_validate(params)
     key = json_sha256(

@@ -67,6 +67,8 @@ def start_parent_run(recipe: Recipe, tracking_uri: str, artifact_root: str | Non
             f"{TAG}kind": "flow",
             "prefect.flow_run_id": flow_run.get("id", ""),
             "prefect.flow_run_name": flow_run.get("name", ""),
+            # the deployment's run when this flow runs as its subflow: hooks find the run by either
+            "prefect.root_flow_run_id": flow_run.get("root_id", ""),
         },
     )
     run_id = run.info.run_id
@@ -248,10 +250,12 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 def mark_flow_run_failed(tracking_uri: str, flow_run_id: str, reason: str) -> None:
     """Mark the parent run of a Prefect flow run FAILED (used by the flow's failure hooks)."""
     mlflow = client(tracking_uri)
-    runs = mlflow.search_runs(
-        [e.experiment_id for e in mlflow.search_experiments()],
-        f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
-    )
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    runs = [
+        run
+        for tag in ("prefect.flow_run_id", "prefect.root_flow_run_id")
+        for run in mlflow.search_runs(experiments, f"tags.`{tag}` = '{flow_run_id}'")
+    ]
     for run in runs:
         mlflow.set_tag(run.info.run_id, f"{TAG}failure", reason[:5000])
         if run.info.status == "RUNNING":

@@ -202,8 +202,26 @@ def test_chains_share_their_prefix_and_unlisted_techniques_are_skipped(write_rec
     run = client.get_run(rows["r8-g4"].run_id)
     assert run.data.params["param.stage0.technique"] == "rtn" and run.data.params["param.stage1.bits"] == "4"
     assert "stage0.fact.reload_rel_err" in run.data.params and "stage1.fact.quantized_layers" in run.data.params
-    # the shared first stage ran once; the second variant found it in Prefect's cache
+    # the shared first stage was built once, for both chains; each second stage on its own
     states = task_states(client.get_run(summary.parent_run_id).data.tags["prefect.flow_run_id"])
-    assert states["build-r8-g4-0-rtn"] == "Completed"
-    assert states["build-r8-r4-0-rtn"] == "Cached"
-    assert "build-r8-distill-0-rtn" not in states
+    assert states["build-r8-g4-0-rtn"] == "Completed" and "build-r8-r4-0-rtn" not in states
+    assert states["build-r8-g4-1-gptq"] == states["build-r8-r4-1-rtn"] == "Completed"
+    assert not any(name.startswith("build-r8-distill") for name in states)
+
+
+@pytest.mark.parametrize("runner", ["threads", "dask", "ray"])
+def test_parallel_runners_land_in_one_parent_run(write_recipe, workdir, runner):
+    variants = """
+  - {name: rtn-w4-g32, technique: rtn, params: {group_size: 32}}
+  - {name: rtn-w8-g32, technique: rtn, params: {bits: 8, group_size: 32}}
+  - {name: broken, stages: [{technique: rtn, params: {group_size: 48}}, {technique: gptq, params: {group_size: 32}}]}"""
+    recipe = load_recipe(write_recipe(targets="[cpu-x86]", variants=variants, execution=f"{{runner: {runner}, max_workers: 2}}"))
+    summary = run_optimize(recipe)
+    rows = {r.variant: r for r in summary.results}
+    assert rows["rtn-w4-g32"].status == rows["rtn-w8-g32"].status == "finished"
+    # a chain whose first stage fails reports that stage, and its second stage never runs
+    assert rows["broken"].status == "failed" and rows["broken"].reason.startswith("stage 0 (rtn) failed: TechniqueError: group_size 48")
+    client = mlflow_client(workdir)
+    children = client.search_runs([summary.experiment_id], f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
+    assert sorted(r.data.tags["byoai.variant"] for r in children) == ["broken", "rtn-w4-g32", "rtn-w8-g32"]
+    assert summary.champions["cpu-x86"] == rows["rtn-w4-g32"].version

@@ -57,9 +57,24 @@ def prefect_call(fn):
 
 
 def task_runs(flow_run_id):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    """Task runs of a deployment's flow run and of its `optimize` subflow run."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
-    return prefect_call(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))
+    async def read(client):
+        children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        ids = [flow_run_id, *(child.id for child in children)]
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+
+    return prefect_call(read)
+
+
+def optimize_run_id(flow_run_id):
+    """The `optimize` subflow run of a deployment run (its id tags the MLflow parent run)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    children = prefect_call(lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))))
+    assert len(children) == 1
+    return children[0].id
 
 
 def mlflow():
@@ -75,7 +90,7 @@ def deploy_and_run(recipe_path: Path):
 
     recipe = load_recipe(recipe_path)
     deploy_recipe(recipe, tracking_uri=MLFLOW)
-    return recipe, run_deployment(f"optimize/{recipe.name}", timeout=900, poll_interval=2)
+    return recipe, run_deployment(f"byoai/{recipe.name}", timeout=900, poll_interval=2)
 
 
 def unique(name: str) -> str:
@@ -93,7 +108,7 @@ def test_scheduled_deployment_runs_on_a_worker(write_recipe, on_stack):
     recipe, flow_run = deploy_and_run(path)
     assert flow_run.state.name == "Completed", flow_run.state.message
 
-    deployment = prefect_call(lambda c: c.read_deployment_by_name(f"optimize/{name}"))
+    deployment = prefect_call(lambda c: c.read_deployment_by_name(f"byoai/{name}"))
     assert deployment.work_pool_name == "cpu"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
     states = {run.name: run.state.name for run in task_runs(flow_run.id)}
@@ -102,7 +117,7 @@ def test_scheduled_deployment_runs_on_a_worker(write_recipe, on_stack):
     assert set(states.values()) <= {"Completed", "Cached"}, states  # baseline variant = reference build
 
     client = mlflow()
-    parent = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
+    parent = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`prefect.flow_run_id` = '{optimize_run_id(flow_run.id)}'")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     children = client.search_runs([parent[0].info.experiment_id], f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'")
     assert sorted(r.data.tags["byoai.variant"] for r in children) == ["baseline", "rtn-w4-g32"]
@@ -126,8 +141,8 @@ def browse_uis(flow_run, model_name: str) -> None:
                   "--disable-component-update", "--disable-sync", "--no-first-run"],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{ui}/runs/flow-run/{flow_run.id}")
-        page.get_by_text(flow_run.name).first.wait_for(timeout=60_000)
+        page.goto(f"{ui}/runs/flow-run/{optimize_run_id(flow_run.id)}")
+        page.get_by_text("optimize").first.wait_for(timeout=60_000)
         page.get_by_text("Completed").first.wait_for(timeout=60_000)
         page.screenshot(path=str(SCREENSHOTS / "prefect-flow-run.png"), full_page=True)
         page.get_by_role("tab", name="Task Runs").click()
@@ -160,7 +175,7 @@ def test_a_cancelled_run_resumes_from_persisted_results(write_recipe, on_stack):
     (path.parent / "targets" / "cpu-x86.yaml").write_text("name: cpu-x86\ndevice: cpu\ntechniques: [baseline, rtn, distill]\n")
     recipe = load_recipe(path)
     deploy_recipe(recipe, tracking_uri=MLFLOW)
-    first = run_deployment(f"optimize/{name}", timeout=0)
+    first = run_deployment(f"byoai/{name}", timeout=0)
 
     # wait until the first variant is registered, then cancel the run mid-distillation
     deadline = time.time() + 600
@@ -176,13 +191,13 @@ def test_a_cancelled_run_resumes_from_persisted_results(write_recipe, on_stack):
         time.sleep(1)
 
     client = mlflow()
-    parent = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`prefect.flow_run_id` = '{first.id}'")[0]
+    parent = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`prefect.flow_run_id` = '{optimize_run_id(first.id)}'")[0]
     assert parent.info.status == "FAILED" and "byoai.failure" in parent.data.tags  # the flow hook
     before = [v.version for v in client.search_model_versions(f"name='{name}'")]
     assert len(before) == 1
 
     # the re-run finds every finished step in the persisted results: nothing recomputed
-    second = run_deployment(f"optimize/{name}", timeout=900, poll_interval=2)
+    second = run_deployment(f"byoai/{name}", timeout=900, poll_interval=2)
     assert second.state.name == "Completed", second.state.message
     states = {r.name: r.state.name for r in task_runs(second.id)}
     assert states["build-rtn-w4-g32-0-rtn"] == "Cached"
