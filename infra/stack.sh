@@ -96,6 +96,12 @@ start() {
     "$bin/prefect" work-pool inspect "$pool" >/dev/null 2>&1 ||
       "$bin/prefect" work-pool create "$pool" --type process >/dev/null
   done
+  # One heavy job (build or evaluation) per device kind at a time: byoai tags those tasks
+  # byoai-cpu / byoai-cuda, so latency is never measured while another job loads the machine.
+  for device in cpu cuda; do
+    "$bin/prefect" concurrency-limit inspect "byoai-$device" >/dev/null 2>&1 ||
+      "$bin/prefect" concurrency-limit create "byoai-$device" "${BYOAI_HEAVY_JOBS_PER_DEVICE:-1}" >/dev/null
+  done
   if [ "${BYOAI_START_WORKER:-1}" = 1 ]; then
     for pool in $pools; do
       (cd "$root" && start_bg "worker-$pool" "$bin/prefect" worker start --pool "$pool" --type process)
