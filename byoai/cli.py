@@ -98,6 +98,27 @@ def _num(value: float | None, spec: str) -> str:
 
 
 @app.command()
+def report(
+    run_id: str,
+    out: Annotated[Path, typer.Option(help="folder to write report.md, report.html, pareto-<target>.png")] = Path("byoai-report"),
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Write a flow run's report (tables, selection, Pareto plots) from its MLflow parent run."""
+    from mlflow.exceptions import MlflowException
+
+    from byoai.settings import Settings
+    from tasks.report import report_from_mlflow
+
+    try:
+        files = report_from_mlflow(Settings().tracking(tracking_uri), run_id, out)
+    except MlflowException as exc:
+        err.print(f"[bold red]no such run[/] {run_id}: {exc.message}", highlight=False)
+        raise typer.Exit(2) from None
+    for file in files:
+        console.print(str(file))
+
+
+@app.command()
 def techniques() -> None:
     """The capability matrix: where each technique builds and runs, and what this worker can run."""
     from byoai import devices

@@ -319,6 +319,9 @@ class PromotionSpec(_Strict):
     gate: GateSpec = GateSpec()
     # Among variants that pass the gate: smallest on disk, fastest decode, or lowest perplexity.
     objective: Literal["smallest", "fastest", "best_quality"] = "smallest"
+    # Budgets: a variant outside them is not eligible (e.g. best quality within 200 MB).
+    max_size_mb: float | None = Field(default=None, gt=0)
+    min_decode_tok_s: float | None = Field(default=None, gt=0)
 
 
 # ---------------------------------------------------------------- the recipe

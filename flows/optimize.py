@@ -23,6 +23,7 @@ from tasks.data import prepare_calibration, prepare_perplexity_tokens
 from tasks.evaluate import evaluate_artifact
 from tasks.model import resolve_model
 from tasks.promote import Candidate, promote_champion
+from tasks.report import log_report, render_markdown
 from tasks.tracking import finish_parent_run, log_unbuilt_run, log_variant_run, register_variant, start_parent_run
 
 
@@ -152,31 +153,24 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
         if any(r.status == "finished" for r in results):
             status = "FINISHED"
     finally:
-        finish_parent_run(parent, [r.model_dump() for r in results], decisions, status)
+        rows = [r.model_dump() for r in results]
+        if results:
+            log_report(parent, recipe.name, rows, decisions)
+        finish_parent_run(parent, rows, decisions, status)
 
     champions = {d["target"]: d["version"] for d in decisions if d["champion"]}
     summary = RunSummary(
         model_name=recipe.name, tracking_uri=uri, experiment_id=parent.experiment_id, parent_run_id=parent.run_id,
         results=results, decisions=decisions, champions={t.name: champions.get(t.name) for t in recipe.targets},
     )
-    create_markdown_artifact(key="byoai-summary", markdown=summary_markdown(summary), description="variants x targets")
+    create_markdown_artifact(
+        key="byoai-summary", markdown=render_markdown(recipe.name, rows, decisions), description="variants x targets"
+    )
     if status != "FINISHED":
         failures = "; ".join(f"{r.variant}@{r.target}: {r.reason}" for r in results) or "no variant ran"
         raise PipelineFailed(f"no variant x target finished ({failures})")
     get_run_logger().info("champions: %s (MLflow run %s)", summary.champions, parent.run_id)
     return summary
-
-
-def summary_markdown(summary: RunSummary) -> str:
-    head = "| variant | target | status | ppl | Δppl % | size MB | decode tok/s | version | note |\n|---|---|---|---|---|---|---|---|---|\n"
-    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
-    rows = "".join(
-        f"| {r.variant} | {r.target} | {r.status} | {fmt(r.ppl, '.3f')} | {fmt(r.ppl_delta_pct, '+.2f')} | "
-        f"{fmt(r.size_mb, '.1f')} | {fmt(r.decode_tok_s, '.1f')} | {r.version or ''} | {r.reason} |\n"
-        for r in summary.results
-    )
-    champs = ", ".join(f"champion-{t}: v{v}" if v else f"champion-{t}: none" for t, v in summary.champions.items())
-    return f"# {summary.model_name}\n\n{head}{rows}\n{champs}\n\nMLflow run `{summary.parent_run_id}` at `{summary.tracking_uri}`\n"
 
 
 def run_optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:

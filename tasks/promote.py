@@ -49,15 +49,38 @@ _OBJECTIVES = {
 _OBJECTIVE_METRIC = {"smallest": "size_mb", "fastest": "decode_tok_s", "best_quality": "ppl"}
 
 
+def pareto_front(candidates: list[Candidate]) -> set[str]:
+    """Versions no other candidate beats on all of perplexity, size and decode speed at once."""
+
+    def dominates(a: Candidate, b: Candidate) -> bool:
+        at_least = a.ppl <= b.ppl and a.size_mb <= b.size_mb and a.decode_tok_s >= b.decode_tok_s
+        better = a.ppl < b.ppl or a.size_mb < b.size_mb or a.decode_tok_s > b.decode_tok_s
+        return at_least and better
+
+    return {c.version for c in candidates if not any(dominates(o, c) for o in candidates if o is not c)}
+
+
+def rejection(c: Candidate, promotion: PromotionSpec) -> str | None:
+    """Why a candidate may not be champion (gate, then budgets), or None."""
+    limit = promotion.gate.max_ppl_increase_pct
+    if c.ppl_delta_pct > limit:
+        return f"gate failed: ppl +{c.ppl_delta_pct:.2f}% > {limit:g}%"
+    if promotion.max_size_mb is not None and c.size_mb > promotion.max_size_mb:
+        return f"over budget: {c.size_mb:.1f} MB > max_size_mb {promotion.max_size_mb:g}"
+    if promotion.min_decode_tok_s is not None and c.decode_tok_s < promotion.min_decode_tok_s:
+        return f"under budget: {c.decode_tok_s:.1f} tok/s < min_decode_tok_s {promotion.min_decode_tok_s:g}"
+    return None
+
+
 def decide(candidates: list[Candidate], champion: Candidate | None, promotion: PromotionSpec) -> tuple[str | None, list[dict[str, Any]]]:
     """Pure decision: (version to alias or None to keep, one explained row per candidate)."""
-    limit = promotion.gate.max_ppl_increase_pct
     key = _OBJECTIVES[promotion.objective]
     metric = _OBJECTIVE_METRIC[promotion.objective]
-    passing = sorted((c for c in candidates if c.ppl_delta_pct <= limit), key=key)
+    front = pareto_front(candidates)
+    passing = sorted((c for c in candidates if rejection(c, promotion) is None), key=key)
     best = passing[0] if passing else None
     if best is None:
-        winner, verdict = None, "no candidate passes the gate; champion unchanged"
+        winner, verdict = None, "no candidate passes the gate and budgets; champion unchanged"
     elif champion is None:
         winner, verdict = best.version, f"first champion: best {metric} among gated candidates"
     elif best.version == champion.version:
@@ -74,9 +97,10 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
         )
     rows = []
     for c in sorted(candidates, key=key):
-        gate = c.ppl_delta_pct <= limit
-        if not gate:
-            why = f"gate failed: ppl +{c.ppl_delta_pct:.2f}% > {limit:g}%"
+        rejected = rejection(c, promotion)
+        gate = c.ppl_delta_pct <= promotion.gate.max_ppl_increase_pct
+        if rejected:
+            why = rejected
         elif c is best:
             why = verdict
         else:
@@ -89,6 +113,7 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
             "size_mb": round(c.size_mb, 3),
             "decode_tok_s": round(c.decode_tok_s, 3),
             "gate": "pass" if gate else "fail",
+            "pareto": c.version in front,
             "champion": c.version == (winner or (champion.version if champion else None)),
             "reason": why,
         })
@@ -127,7 +152,7 @@ def promote_champion(
         rows.append({
             "variant": champion.variant, "version": champion.version, "ppl": round(champion.ppl, 4),
             "ppl_delta_pct": round(champion.ppl_delta_pct, 3), "size_mb": round(champion.size_mb, 3),
-            "decode_tok_s": round(champion.decode_tok_s, 3), "gate": "pass",
+            "decode_tok_s": round(champion.decode_tok_s, 3), "gate": "pass", "pareto": None,
             "champion": winner is None, "reason": "current champion (from an earlier run)",
         })
     return [{"target": target, **row} for row in rows]

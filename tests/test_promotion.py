@@ -48,3 +48,14 @@ def test_fastest_and_best_quality_objectives():
     pool = [c("fast", "1", 5, 300, speed=50), c("good", "2", 1, 300, speed=20)]
     assert decide(pool, None, PromotionSpec(objective="fastest"))[0] == "1"
     assert decide(pool, None, PromotionSpec(objective="best_quality"))[0] == "2"
+
+
+def test_pareto_front_and_budgets():
+    base, small, fast = c("base", "1", 0, 500, speed=30), c("small", "2", 8, 150, speed=20), c("worse", "3", 9, 160, speed=19)
+    winner, rows = decide([base, small, fast], None, PromotionSpec.model_validate({"gate": {"max_ppl_increase_pct": 10}, "objective": "best_quality", "max_size_mb": 200}))
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["base"]["pareto"] and by_variant["small"]["pareto"] and not by_variant["worse"]["pareto"]
+    # best quality within 200 MB: the base model is better but over budget
+    assert winner == "2" and by_variant["base"]["reason"].startswith("over budget: 500.0 MB > max_size_mb 200")
+    slow_ok = PromotionSpec.model_validate({"objective": "smallest", "min_decode_tok_s": 25})
+    assert decide([base, small], None, slow_ok)[0] == "1"

@@ -134,6 +134,7 @@ def browse_uis(flow_run, model_name: str) -> None:
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     ui = PREFECT.removesuffix("/api")
+    run_id = optimize_run_id(flow_run.id)  # before the browser: Playwright's sync API runs its own event loop
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path="/usr/bin/chromium",
@@ -141,7 +142,7 @@ def browse_uis(flow_run, model_name: str) -> None:
                   "--disable-component-update", "--disable-sync", "--no-first-run"],
         )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{ui}/runs/flow-run/{optimize_run_id(flow_run.id)}")
+        page.goto(f"{ui}/runs/flow-run/{run_id}")
         page.get_by_text("optimize").first.wait_for(timeout=60_000)
         page.get_by_text("Completed").first.wait_for(timeout=60_000)
         page.screenshot(path=str(SCREENSHOTS / "prefect-flow-run.png"), full_page=True)

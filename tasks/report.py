@@ -1,0 +1,140 @@
+"""Reports of a flow run: Markdown, HTML and a Pareto plot per target, from the run's tables.
+
+The same rendering serves the flow (artifacts of the MLflow parent run) and `byoai report RUN_ID`
+(rebuilt later from what MLflow stored), so a report never disagrees with the registry.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.tracking import RunRef, client
+
+_RESULT_COLUMNS = [
+    ("variant", "variant", None), ("target", "target", None), ("status", "status", None),
+    ("ppl", "ppl", ".3f"), ("ppl_delta_pct", "Δppl %", "+.2f"), ("size_mb", "size MB", ".1f"),
+    ("load_s", "load s", ".2f"), ("prefill_ms", "prefill ms", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
+    ("version", "version", None), ("reason", "note", None),
+]
+_DECISION_COLUMNS = [
+    ("target", "target", None), ("variant", "variant", None), ("version", "version", None),
+    ("ppl_delta_pct", "Δppl %", "+.2f"), ("size_mb", "size MB", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
+    ("gate", "gate", None), ("pareto", "Pareto", None), ("champion", "champion", None), ("reason", "why", None),
+]
+
+
+def _cell(value: Any, spec: str | None) -> str:
+    if value is None or value == "" or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, bool):
+        return "★" if value else ""
+    return format(value, spec) if spec and isinstance(value, int | float) else str(value)
+
+
+def _markdown_table(rows: list[dict[str, Any]], columns) -> str:
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |\n" for r in rows)
+
+
+def _html_table(rows: list[dict[str, Any]], columns) -> str:
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(r.get(k), f))}</td>" for k, _, f in columns) + "</tr>" for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def champions_line(decisions: list[dict[str, Any]]) -> str:
+    chosen = {d["target"]: d for d in decisions if d.get("champion")}
+    targets = sorted({d["target"] for d in decisions})
+    return "; ".join(
+        f"champion-{t}: v{chosen[t]['version']} ({chosen[t]['variant']}: {chosen[t]['reason']})" if t in chosen else f"champion-{t}: none"
+        for t in targets
+    ) or "no target ran"
+
+
+def render_markdown(name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]], plots: list[str] = ()) -> str:
+    images = "".join(f"\n![Pareto front]({p})\n" for p in plots)
+    return (
+        f"# byoai report: {name}\n\n## Variants x targets\n\n{_markdown_table(results, _RESULT_COLUMNS)}\n"
+        f"## Selection\n\n{_markdown_table(decisions, _DECISION_COLUMNS)}\n{champions_line(decisions)}\n{images}"
+    )
+
+
+def render_html(name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]], plots: list[str] = ()) -> str:
+    images = "".join(f'<img src="{html.escape(p)}" alt="Pareto front" width="640">' for p in plots)
+    style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>byoai report: {html.escape(name)}</title><style>{style}</style></head>"
+        f"<body><h1>byoai report: {html.escape(name)}</h1><h2>Variants x targets</h2>{_html_table(results, _RESULT_COLUMNS)}"
+        f"<h2>Selection</h2>{_html_table(decisions, _DECISION_COLUMNS)}<p>{html.escape(champions_line(decisions))}</p>{images}</body></html>"
+    )
+
+
+def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path) -> Path:
+    """Size vs perplexity increase for one target; the Pareto front joined, the champion starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [d for d in decisions if d["target"] == target and d.get("size_mb") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        color = "tab:green" if row["gate"] == "pass" else "tab:red"
+        ax.scatter(row["size_mb"], row["ppl_delta_pct"], s=40 + 4 * (row.get("decode_tok_s") or 0), c=color, alpha=0.7, edgecolors="k")
+        ax.annotate(("★ " if row.get("champion") else "") + row["variant"], (row["size_mb"], row["ppl_delta_pct"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["size_mb"])
+    if front:
+        ax.plot([r["size_mb"] for r in front], [r["ppl_delta_pct"] for r in front], "--", c="gray", label="Pareto front (ppl, size, speed)")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("perplexity increase vs base model (%)")
+    ax.set_title(f"{target}: green passes the gate, marker size = decode tok/s")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """report.md, report.html and pareto-<target>.png into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = [pareto_plot(decisions, t, out_dir / f"pareto-{t}.png").name for t in sorted({d["target"] for d in decisions})]
+    (out_dir / "report.md").write_text(render_markdown(name, results, decisions, plots))
+    (out_dir / "report.html").write_text(render_html(name, results, decisions, plots))
+    return [out_dir / "report.md", out_dir / "report.html", *(out_dir / p for p in plots)]
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def log_report(parent: RunRef, name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(name, results, decisions, Path(tmp))
+        client(parent.tracking_uri).log_artifacts(parent.run_id, tmp, artifact_path="report")
+
+
+def _table(mlflow, run_id: str, name: str) -> list[dict[str, Any]]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        data = json.loads(Path(mlflow.download_artifacts(run_id, name)).read_text())
+    except (MlflowException, OSError):
+        return []
+    return [dict(zip(data["columns"], row, strict=True)) for row in data["data"]]
+
+
+def report_from_mlflow(tracking_uri: str, run_id: str, out_dir: Path) -> list[Path]:
+    """Rebuild a flow run's report from its MLflow parent run (byoai report RUN_ID)."""
+    mlflow = client(tracking_uri)
+    run = mlflow.get_run(run_id)
+    name = mlflow.get_experiment(run.info.experiment_id).name
+    return write_report(name, _table(mlflow, run_id, "results.json"), _table(mlflow, run_id, "promotion.json"), out_dir)
