@@ -159,10 +159,20 @@ class PerplexitySpec(_Strict):
 
 
 class LatencySpec(_Strict):
+    # The headline numbers: TTFT at prompt_tokens (prefill_ms) and batch-1 decode (decode_tok_s).
     prompt_tokens: int = Field(default=128, ge=1)
     new_tokens: int = Field(default=32, ge=1)
     warmup: int = Field(default=1, ge=0)
     repeats: int = Field(default=3, ge=1)
+    # The profile: TTFT at more prompt lengths, decode throughput at more batch sizes.
+    prompt_lengths: tuple[int, ...] = ()
+    batch_sizes: tuple[int, ...] = (1,)
+
+    @model_validator(mode="after")
+    def _positive(self) -> LatencySpec:
+        if any(n < 1 for n in (*self.prompt_lengths, *self.batch_sizes)):
+            raise ValueError("prompt_lengths and batch_sizes must be positive")
+        return self
 
 
 class EvaluationSpec(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from functools import cache
 from pathlib import Path
 
 from prefect import task
@@ -31,6 +32,10 @@ class Metrics(BaseModel):
     prefill_ms: float
     decode_tok_s: float
     device: str
+    # The performance profile, flat names -> values (logged as MLflow metrics as they are):
+    # ttft_ms.pN (+ .min/.max) per prompt length N, decode_tok_s.bB and tpot_ms.bB per batch B,
+    # peak_mem_mb, weights_mb, bandwidth_gb_s, decode_bound_tok_s, decode_efficiency.
+    profile: dict[str, float] = {}
 
 
 def ppl_delta_pct(metrics: Metrics, reference: Metrics) -> float:
@@ -73,29 +78,89 @@ def measure_perplexity(model, windows, device: str) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-def measure_latency(model, prompt, spec: LatencySpec, device: str) -> tuple[float, float]:
-    """Batch-1 prefill latency (ms) and greedy decode throughput (tokens/s), medians of repeats."""
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _spread(samples: list[float]) -> tuple[float, float, float]:
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def measure_latency(model, windows, spec: LatencySpec, device: str) -> tuple[float, float, dict[str, float]]:
+    """Prefill latency (TTFT) per prompt length and greedy decode speed per batch size.
+
+    Warm-ups first, then `repeats` measurements; medians are reported with min and max. Returns
+    (TTFT ms at prompt_tokens, batch-1 decode tok/s, the full profile).
+    """
     import torch
 
-    ids = prompt[None].to(device)
-    prefill, decode = [], []
-    with torch.inference_mode():
-        for attempt in range(spec.warmup + spec.repeats):
-            _sync(device)
-            started = time.perf_counter()
-            out = model(ids, use_cache=True)
-            _sync(device)
-            prefill_s = time.perf_counter() - started
+    tokens = windows.flatten()
+    profile: dict[str, float] = {}
+
+    def prefill(ids):
+        return model(ids, use_cache=True)
+
+    def decode(out, steps: int):
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            started = time.perf_counter()
-            for _ in range(spec.new_tokens):
-                out = model(token, past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            _sync(device)
-            if attempt >= spec.warmup:
-                prefill.append(prefill_s)
-                decode.append(spec.new_tokens / (time.perf_counter() - started))
-    return statistics.median(prefill) * 1000, statistics.median(decode)
+
+    with torch.inference_mode():
+        for length in sorted({spec.prompt_tokens, *spec.prompt_lengths}):
+            ids = tokens[:length][None].to(device)
+            samples = [_timed(lambda: prefill(ids), device) * 1000 for _ in range(spec.warmup + spec.repeats)][spec.warmup:]
+            profile[f"ttft_ms.p{length}"], profile[f"ttft_ms.p{length}.min"], profile[f"ttft_ms.p{length}.max"] = _spread(samples)
+        for batch in sorted({1, *spec.batch_sizes}):
+            # distinct prompts per row, as concurrent requests would be
+            ids = torch.stack([tokens[i * 7 : i * 7 + spec.prompt_tokens] for i in range(batch)]).to(device)
+            speeds = []
+            for attempt in range(spec.warmup + spec.repeats):
+                out = prefill(ids)
+                seconds = _timed(lambda: decode(out, spec.new_tokens), device)
+                if attempt >= spec.warmup:
+                    speeds.append(batch * spec.new_tokens / seconds)
+            median, low, high = _spread(speeds)
+            profile[f"decode_tok_s.b{batch}"], profile[f"decode_tok_s.b{batch}.min"], profile[f"decode_tok_s.b{batch}.max"] = median, low, high
+            profile[f"tpot_ms.b{batch}"] = batch * 1000 / median
+    return profile[f"ttft_ms.p{spec.prompt_tokens}"], profile["decode_tok_s.b1"], profile
+
+
+@cache
+def memory_bandwidth_gb_s(device: str) -> float:
+    """Measured copy bandwidth (read + write) of a 256 MB buffer: the ceiling for decode."""
+    import torch
+
+    source = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    seconds = min(_timed(lambda: target.copy_(source), device) for _ in range(5))
+    return 2 * source.numel() * source.element_size() / seconds / 1e9
+
+
+def memory_profile(model, device: str) -> dict[str, float]:
+    """Weights in memory, peak memory, and the bandwidth bound on batch-1 decode speed.
+
+    Batch-1 decode reads every weight once per token, so tokens/s <= bandwidth / weight bytes.
+    """
+    import psutil
+    import torch
+
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = psutil.Process().memory_info().rss
+    bandwidth = memory_bandwidth_gb_s(device)
+    return {
+        "weights_mb": weights / 1e6,
+        "peak_mem_mb": peak / 1e6,
+        "bandwidth_gb_s": bandwidth,
+        "decode_bound_tok_s": bandwidth * 1e9 / weights,
+    }
 
 
 @task(cache_policy=CACHED, persist_result=True)
@@ -106,11 +171,14 @@ def evaluate_artifact(artifact: Artifact, target: TargetProfile, perplexity_toke
         torch.set_num_threads(target.threads)
     if not Path(artifact.path).is_dir():
         raise FileNotFoundError(f"artifact folder {artifact.path} is gone; delete .byoai/prefect-results to rebuild")
+    if target.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     model, load_s = load_artifact(artifact.path, target)
     windows = load_tokens(perplexity_tokens)
     ppl = measure_perplexity(model, windows, target.device)
-    prompt = windows.flatten()[: latency.prompt_tokens]
-    prefill_ms, decode_tok_s = measure_latency(model, prompt, latency, target.device)
+    prefill_ms, decode_tok_s, profile = measure_latency(model, windows, latency, target.device)
+    profile |= memory_profile(model, target.device)
+    profile["decode_efficiency"] = decode_tok_s / profile["decode_bound_tok_s"]
     metrics = Metrics(
         ppl=ppl,
         ppl_tokens=int(windows.numel()),
@@ -119,6 +187,7 @@ def evaluate_artifact(artifact: Artifact, target: TargetProfile, perplexity_toke
         prefill_ms=prefill_ms,
         decode_tok_s=decode_tok_s,
         device=devices.describe(target.device),
+        profile=profile,
     )
     step_logger().info("%s on %s: %s", artifact.technique, target.name, metrics)
     return metrics

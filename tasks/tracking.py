@@ -152,6 +152,7 @@ def log_variant_run(
             "decode_tok_s": metrics.decode_tok_s,
             "build_s": sum(stage.build_s for stage in stages),
             "ppl_tokens": metrics.ppl_tokens,
+            **metrics.profile,
         },
     )
     mlflow.set_terminated(run_id, "FINISHED")

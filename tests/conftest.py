@@ -50,7 +50,7 @@ def write_recipe(workdir, tiny_model):
             "calibration": "{source: {kind: builtin, split: train}, n_samples: 8, seq_len: 64, seed: 0}",
             "evaluation": textwrap.dedent("""
                 perplexity: {source: {kind: builtin, split: test}, max_tokens: 512, seq_len: 128}
-                latency: {prompt_tokens: 16, new_tokens: 4, warmup: 0, repeats: 2}""").replace("\n", "\n  "),
+                latency: {prompt_tokens: 16, new_tokens: 4, warmup: 0, repeats: 2, prompt_lengths: [8, 32], batch_sizes: [1, 2]}""").replace("\n", "\n  "),
             "targets": "[cpu-x86, cuda-h100]",
             "variants": textwrap.dedent("""
                 - {name: baseline, technique: baseline}

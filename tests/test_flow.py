@@ -73,6 +73,12 @@ def test_closed_loop_registers_evaluates_and_promotes(write_recipe, workdir):
     assert len(finished) == 3
     for run in finished:
         assert {"ppl", "ppl_delta_pct", "size_mb", "load_s", "prefill_ms", "decode_tok_s"} <= set(run.data.metrics)
+        # the performance profile: TTFT per prompt length, decode per batch, memory and its bound
+        m = run.data.metrics
+        assert {"ttft_ms.p8", "ttft_ms.p16", "ttft_ms.p32", "decode_tok_s.b2", "tpot_ms.b2", "peak_mem_mb", "weights_mb"} <= set(m)
+        assert m["ttft_ms.p16.min"] <= m["ttft_ms.p16"] <= m["ttft_ms.p16.max"] and m["prefill_ms"] == m["ttft_ms.p16"]
+        assert m["bandwidth_gb_s"] > 0.1 and m["decode_tok_s"] < m["decode_bound_tok_s"]
+        assert "Intel" in run.data.tags["byoai.device"] or "threads" in run.data.tags["byoai.device"]
     gptq_run = client.get_run(gptq.run_id)
     assert gptq_run.data.params["param.group_size"] == "32"
     assert gptq_run.data.metrics["ppl"] == pytest.approx(gptq.ppl)
