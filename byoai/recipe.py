@@ -246,6 +246,28 @@ class StageSpec(_Strict):
         return self
 
 
+class RangeSpec(_Strict):
+    low: float
+    high: float
+    log: bool = False
+    # integer parameters: give step (e.g. 1)
+    step: float | None = None
+
+
+class SearchSpec(_Strict):
+    """Let Optuna propose this variant's parameters: `space` maps a parameter to a list of choices
+    or a range; every trial is built, evaluated and logged like a variant (named <variant>-tN)."""
+
+    space: dict[str, list[Any] | RangeSpec]
+    trials: int = Field(default=8, ge=1, le=256)
+    # What a trial is scored on (lower is better for ppl and size_mb, higher for decode_tok_s);
+    # trials that fail the promotion gate or budgets score worst. Default: the promotion objective.
+    metric: Literal["ppl", "size_mb", "decode_tok_s"] | None = None
+    # Stop as soon as a trial that passes the gate reaches this value of `metric`.
+    stop_at: float | None = None
+    seed: int = 0
+
+
 class VariantSpec(_Strict):
     """A variant is a chain of stages, each stage's output the next one's input.
 
@@ -255,6 +277,7 @@ class VariantSpec(_Strict):
 
     name: Name
     stages: tuple[StageSpec, ...]
+    search: SearchSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -266,6 +289,31 @@ class VariantSpec(_Strict):
                 "stages": [{"technique": data["technique"], "params": data.get("params") or {}}]
             }
         return data
+
+    @model_validator(mode="after")
+    def _searchable(self) -> VariantSpec:
+        if self.search is None:
+            return self
+        if len(self.stages) != 1:
+            raise ValueError("search: give one technique (a chain's stages are searched as separate variants)")
+        stage = self.stages[0]
+        fields = TECHNIQUES[stage.technique].config.model_fields
+        for key, choices in self.search.space.items():
+            if key not in fields:
+                raise ValueError(f"search.space.{key}: not a parameter of {stage.technique}; allowed: {', '.join(fields)}")
+            samples = choices if isinstance(choices, list) else [choices.low, choices.high]
+            for value in samples:
+                value = int(value) if isinstance(choices, RangeSpec) and choices.step and float(value).is_integer() else value
+                try:
+                    StageSpec(technique=stage.technique, params=stage.params | {key: value})
+                except ValidationError as exc:
+                    raise ValueError(f"search.space.{key}: {value!r} is not valid: {exc.errors()[0]['msg']}") from None
+        return self
+
+    def trial(self, number: int, params: dict[str, Any]) -> VariantSpec:
+        """Trial `number` of a search: this variant with proposed parameters, as a variant of its own."""
+        stage = StageSpec(technique=self.stages[0].technique, params=self.stages[0].params | params)
+        return VariantSpec(name=f"{self.name}-t{number}", stages=(stage,))
 
     @field_validator("stages")
     @classmethod

@@ -7,24 +7,27 @@ from __future__ import annotations
 
 import traceback
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from byoai.capability import skip_reason
-from byoai.recipe import Recipe
+from byoai.recipe import Recipe, TargetProfile, VariantSpec
 from byoai.runners import execution, task_runner
 from byoai.settings import Settings
 from byoai.summary import ResultRow, RunSummary
 from tasks.build import build_variant
-from tasks.data import prepare_calibration, prepare_perplexity_tokens
+from tasks.data import TokensRef, prepare_calibration, prepare_perplexity_tokens
 from tasks.evaluate import evaluate_artifact
-from tasks.model import resolve_model
+from tasks.model import ModelRef, resolve_model
 from tasks.promote import Candidate, promote_champion
 from tasks.report import log_report, render_markdown
-from tasks.tracking import finish_parent_run, log_unbuilt_run, log_variant_run, register_variant, start_parent_run
+from tasks.search import Search
+from tasks.tracking import RunRef, finish_parent_run, log_unbuilt_run, log_variant_run, register_variant, start_parent_run
 
 
 class PipelineFailed(Exception):
@@ -36,6 +39,123 @@ def _error_text(state) -> tuple[str, str]:
     if isinstance(error, BaseException):
         return f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error))
     return str(state.message), str(state.message)
+
+
+def _heavy(task, name: str, device: str):
+    # Tagged per device: a Prefect concurrency limit on byoai-<device> keeps one heavy job per
+    # GPU / CPU worker however many the task runner would start.
+    return task.with_options(task_run_name=name, tags=["byoai", f"byoai-{device}"])
+
+
+@dataclass
+class Loop:
+    """What every variant of one flow run shares, and what the run has recorded so far."""
+
+    recipe: Recipe
+    parent: RunRef
+    model: ModelRef
+    calibration: TokensRef
+    perplexity_tokens: TokensRef
+    variants_dir: str
+    reference: dict[str, Any] = field(default_factory=dict)  # target -> Metrics of the base model
+    builds: dict[tuple, Any] = field(default_factory=dict)  # stage prefix -> future (shared prefixes)
+    results: list[ResultRow] = field(default_factory=list)
+    candidates: dict[str, list[Candidate]] = field(default_factory=lambda: defaultdict(list))
+
+    def runnable(self, variant: VariantSpec) -> list[TargetProfile]:
+        """Targets this variant can run on here; the others are recorded as skipped, with why."""
+        runnable = []
+        for target in self.recipe.targets:
+            if (reason := skip_reason(variant, target)) is None:
+                runnable.append(target)
+            else:
+                log_unbuilt_run(self.parent, variant, target, "skipped", reason)
+                self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="skipped", reason=reason))
+        return runnable
+
+    def fail(self, variant: VariantSpec, target: TargetProfile, reason: str, text: str) -> None:
+        log_unbuilt_run(self.parent, variant, target, "failed", reason, text)
+        self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=reason))
+
+    def submit_chain(self, variant: VariantSpec, runnable: list[TargetProfile]) -> list:
+        """Submit the variant's stages; each stage's output (a future) is the next one's input."""
+        device = "cuda" if any(t.device == "cuda" for t in runnable) else "cpu"
+        stages, upstream = [], self.model
+        for i, stage in enumerate(variant.stages):
+            prefix = (device, *((s.technique, repr(sorted(s.params.items()))) for s in variant.stages[: i + 1]))
+            if prefix not in self.builds:
+                self.builds[prefix] = _heavy(build_variant, f"build-{variant.name}-{i}-{stage.technique}", device).submit(
+                    stage.technique, stage.params, upstream, self.model, self.calibration, device, self.variants_dir
+                )
+            upstream = self.builds[prefix]
+            stages.append(upstream)
+        return stages
+
+    def submit_evaluations(self, variant: VariantSpec, runnable: list[TargetProfile], stages: list) -> list:
+        """Once its chain is built, evaluate the artifact on each target; a failed stage is recorded."""
+        failed = next((i for i, future in enumerate(stages) if future.wait() or future.state.is_failed()), None)
+        if failed is not None:
+            where = f"stage {failed} ({variant.stages[failed].technique})" if len(variant.stages) > 1 else "build"
+            message, text = _error_text(stages[failed].state)
+            for target in runnable:
+                self.fail(variant, target, f"{where} failed: {message}", text)
+            return []
+        built = [future.result() for future in stages]
+        latency = self.recipe.evaluation.latency
+        return [
+            (variant, target, built, _heavy(evaluate_artifact, f"evaluate-{variant.name}@{target.name}", target.device).submit(
+                built[-1], target, self.perplexity_tokens, latency
+            ))
+            for target in runnable
+        ]
+
+    def record(self, variant: VariantSpec, target: TargetProfile, built: list, future, tags: dict[str, str] | None = None) -> Candidate | None:
+        """Log the child run and register the version of one evaluated variant x target."""
+        future.wait()
+        if future.state.is_failed():
+            message, text = _error_text(future.state)
+            self.fail(variant, target, f"evaluation failed: {message}", text)
+            return None
+        metrics, reference = future.result(), self.reference[target.name]
+        run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, tags or {})
+        version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id)
+        candidate = Candidate.measured(variant.name, version.version, metrics, reference)
+        self.candidates[target.name].append(candidate)
+        self.results.append(ResultRow(
+            variant=variant.name, technique=variant.technique, target=target.name, status="finished",
+            ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
+            load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
+            version=version.version, run_id=run_id,
+        ))
+        return candidate
+
+    def run_variants(self, variants: list[VariantSpec]) -> None:
+        """All builds submitted at once (the task runner decides what runs in parallel), then
+        evaluations as chains finish, then the records."""
+        chains = [(v, runnable, self.submit_chain(v, runnable)) for v in variants if (runnable := self.runnable(v))]
+        evaluations = [e for variant, runnable, stages in chains for e in self.submit_evaluations(variant, runnable, stages)]
+        for variant, target, built, future in evaluations:
+            self.record(variant, target, built, future)
+
+    def run_search(self, variant: VariantSpec) -> None:
+        """Trials one after another: each proposal depends on the scores of those before it."""
+        search = Search(variant.search, self.recipe.promotion)
+        for number in range(variant.search.trials):
+            proposal = search.ask()
+            if proposal is None:  # the whole grid was tried
+                break
+            trial, params = proposal
+            trial_variant = variant.trial(number, params)
+            runnable = self.runnable(trial_variant)
+            if not runnable:
+                break
+            tags = {"byoai.search": variant.name, "byoai.trial": str(number)}
+            evaluations = self.submit_evaluations(trial_variant, runnable, self.submit_chain(trial_variant, runnable))
+            candidates = [self.record(v, t, built, future, tags) for v, t, built, future in evaluations]
+            # scored on the first target the trial ran on
+            if search.tell(trial, candidates[0] if candidates else None):
+                get_run_logger().info("search %s reached stop_at after %d trials", variant.name, number + 1)
+                break
 
 
 def mark_failed_in_mlflow(flow, flow_run, state) -> None:
@@ -59,105 +179,46 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
     parent = start_parent_run(recipe, uri, artifact_root, {
         "id": str(flow_run.id or ""), "name": str(flow_run.name or ""), "root_id": str(flow_run.root_flow_run_id or ""),
     })
-    results: list[ResultRow] = []
     decisions: list[dict] = []
+    rows: list[dict] = []
     status = "FAILED"
+    loop = None
     try:
         model = resolve_model(recipe.model, str(settings.models_dir()))
-        plan = {(v.name, t.name): skip_reason(v, t) for v in recipe.variants for t in recipe.targets}
-        targets = [t for t in recipe.targets if any(plan[v.name, t.name] is None for v in recipe.variants)]
         data_dir = str(settings.data_dir())
-        # Calibration windows are prepared even when no technique calibrates: the build step
-        # probes every artifact with a few of them to check its save/reload round trip.
-        calibration = prepare_calibration(recipe.calibration, model, data_dir)
-        perplexity_tokens = prepare_perplexity_tokens(recipe.evaluation.perplexity, model, data_dir)
-        latency = recipe.evaluation.latency
-        variants_dir = str(settings.variants_dir())
-
-        def heavy(task, name: str, device: str):
-            # Tagged per device: a Prefect concurrency limit on byoai-<device> keeps one heavy job
-            # per GPU / CPU worker however many the task runner would start.
-            return task.with_options(task_run_name=name, tags=["byoai", f"byoai-{device}"])
-
-        # Submit the work; the task runner (recipe `execution`) decides what runs in parallel.
-        # The gate's reference is the base model, measured on each target like every variant.
-        base = heavy(build_variant, "build-reference", "cpu").submit("baseline", {}, model, model, calibration, "cpu", variants_dir)
+        loop = Loop(
+            recipe=recipe, parent=parent, model=model,
+            # Calibration windows are prepared even when no technique calibrates: the build step
+            # probes every artifact with a few of them to check its save/reload round trip.
+            calibration=prepare_calibration(recipe.calibration, model, data_dir),
+            perplexity_tokens=prepare_perplexity_tokens(recipe.evaluation.perplexity, model, data_dir),
+            variants_dir=str(settings.variants_dir()),
+        )
+        targets = [t for t in recipe.targets if any(skip_reason(v, t) is None for v in recipe.variants)]
+        # The gate's reference: the base model, measured on each target like every variant.
+        base = _heavy(build_variant, "build-reference", "cpu").submit("baseline", {}, model, model, loop.calibration, "cpu", loop.variants_dir)
         reference = {
-            t.name: heavy(evaluate_artifact, f"evaluate-reference@{t.name}", t.device).submit(base, t, perplexity_tokens, latency)
+            t.name: _heavy(evaluate_artifact, f"evaluate-reference@{t.name}", t.device).submit(base, t, loop.perplexity_tokens, recipe.evaluation.latency)
             for t in targets
         }
-        builds: dict[tuple, object] = {}  # stage prefix -> future: variants sharing a prefix build it once
-        chains = []
+        loop.reference = {name: future.result() for name, future in reference.items()}
+
+        loop.run_variants([v for v in recipe.variants if v.search is None])
         for variant in recipe.variants:
-            runnable = [t for t in recipe.targets if plan[variant.name, t.name] is None]
-            for target in recipe.targets:
-                if (reason := plan[variant.name, target.name]) is not None:
-                    log_unbuilt_run(parent, variant, target, "skipped", reason)
-                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="skipped", reason=reason))
-            if not runnable:
-                continue
-            device = "cuda" if any(t.device == "cuda" for t in runnable) else "cpu"
-            # A chain: each stage's output (a future) is the next stage's input.
-            stages, upstream = [], model
-            for i, stage in enumerate(variant.stages):
-                prefix = (device, *((s.technique, repr(sorted(s.params.items()))) for s in variant.stages[: i + 1]))
-                if prefix not in builds:
-                    builds[prefix] = heavy(build_variant, f"build-{variant.name}-{i}-{stage.technique}", device).submit(
-                        stage.technique, stage.params, upstream, model, calibration, device, variants_dir
-                    )
-                upstream = builds[prefix]
-                stages.append(upstream)
-            chains.append((variant, runnable, stages))
-
-        # As each chain finishes, evaluate its artifact on each target.
-        evaluations = []
-        for variant, runnable, stages in chains:
-            failed = next((i for i, future in enumerate(stages) if future.wait() or future.state.is_failed()), None)
-            if failed is not None:
-                where = f"stage {failed} ({variant.stages[failed].technique})" if len(variant.stages) > 1 else "build"
-                message, text = _error_text(stages[failed].state)
-                for target in runnable:
-                    log_unbuilt_run(parent, variant, target, "failed", f"{where} failed: {message}", text)
-                    results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"{where} failed: {message}"))
-                continue
-            built = [future.result() for future in stages]
-            for target in runnable:
-                future = heavy(evaluate_artifact, f"evaluate-{variant.name}@{target.name}", target.device).submit(
-                    built[-1], target, perplexity_tokens, latency
-                )
-                evaluations.append((variant, target, built, future))
-
-        reference = {name: future.result() for name, future in reference.items()}
-        candidates: dict[str, list[Candidate]] = defaultdict(list)
-        for variant, target, built, future in evaluations:
-            future.wait()
-            if future.state.is_failed():
-                message, text = _error_text(future.state)
-                log_unbuilt_run(parent, variant, target, "failed", f"evaluation failed: {message}", text)
-                results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=f"evaluation failed: {message}"))
-                continue
-            metrics = future.result()
-            run_id = log_variant_run(parent, variant, target, built, metrics, reference[target.name])
-            version = register_variant(parent, recipe.name, recipe.sha(), variant, target, built[-1], run_id)
-            candidate = Candidate.measured(variant.name, version.version, metrics, reference[target.name])
-            candidates[target.name].append(candidate)
-            results.append(ResultRow(
-                variant=variant.name, technique=variant.technique, target=target.name, status="finished",
-                ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
-                load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
-                version=version.version, run_id=run_id,
-            ))
+            if variant.search is not None:
+                loop.run_search(variant)
 
         for target in targets:
-            decisions += promote_champion(uri, recipe.name, target.name, candidates[target.name], recipe.promotion)
-        if any(r.status == "finished" for r in results):
+            decisions += promote_champion(uri, recipe.name, target.name, loop.candidates[target.name], recipe.promotion)
+        if any(r.status == "finished" for r in loop.results):
             status = "FINISHED"
     finally:
-        rows = [r.model_dump() for r in results]
-        if results:
+        rows = [r.model_dump() for r in loop.results] if loop else []
+        if rows:
             log_report(parent, recipe.name, rows, decisions)
         finish_parent_run(parent, rows, decisions, status)
 
+    results = loop.results
     champions = {d["target"]: d["version"] for d in decisions if d["champion"]}
     summary = RunSummary(
         model_name=recipe.name, tracking_uri=uri, experiment_id=parent.experiment_id, parent_run_id=parent.run_id,

@@ -14,9 +14,10 @@ from byoai.files import atomic_folder, folder_sha256, folder_size_bytes, json_sh
 from byoai.log import step_logger
 from tasks.data import CACHED, TokensRef, load_tokens
 from tasks.model import ModelRef
-from tasks.techniques import TECHNIQUES, BuildInputs, TechniqueError, probe_ids
+from tasks.techniques import TECHNIQUES, BuildInputs, TechniqueError, one_build_per_process, probe_ids
 
 _MARKER = ".byoai-artifact.json"
+
 # Relative L2 distance allowed between in-memory and reloaded logits. Exact formats reload to
 # ~1e-6; a corrupting round trip (bitsandbytes NF4 in 0.50) is off by far more.
 RELOAD_TOLERANCE = 1e-3
@@ -89,8 +90,8 @@ def build_variant(
         return Artifact.model_validate_json(marker.read_text())
 
     ids = load_tokens(calibration)
-    started = time.perf_counter()
-    with atomic_folder(folder) as tmp:
+    with one_build_per_process(), atomic_folder(folder) as tmp:
+        started = time.perf_counter()
         result = spec.run(BuildInputs(Path(model.path), tmp, config, ids, device, Path(base.path)))
         build_s = time.perf_counter() - started
         facts = json.loads(json.dumps(result.facts, default=str))

@@ -126,6 +126,7 @@ def log_variant_run(
     stages: list[Artifact],
     metrics: Metrics,
     reference: Metrics,
+    extra_tags: dict[str, str] | None = None,
 ) -> str:
     """A finished child run with each stage's facts and the metrics of the reloaded final artifact."""
     artifact = stages[-1]
@@ -138,6 +139,7 @@ def log_variant_run(
     run_id = _child(mlflow, parent, variant, target, "finished", {
         f"{TAG}artifact_sha": artifact.sha,
         f"{TAG}device": metrics.device,
+        **(extra_tags or {}),
     })
     _log(
         mlflow,

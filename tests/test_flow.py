@@ -231,3 +231,46 @@ def test_parallel_runners_land_in_one_parent_run(write_recipe, workdir, runner):
     children = client.search_runs([summary.experiment_id], f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
     assert sorted(r.data.tags["byoai.variant"] for r in children) == ["broken", "rtn-w4-g32", "rtn-w8-g32"]
     assert summary.champions["cpu-x86"] == rows["rtn-w4-g32"].version
+
+
+def test_search_runs_seeded_trials_as_child_runs(write_recipe, workdir):
+    recipe = load_recipe(write_recipe(
+        targets="[cpu-x86]",
+        variants="""
+  - {name: rtn-g64, technique: rtn, params: {bits: 4, group_size: 64}}
+  - name: rtn-search
+    technique: rtn
+    params: {bits: 4}
+    search: {space: {group_size: [16, 32, 64], bits: [4, 8]}, trials: 4, metric: ppl}""",
+        promotion="{gate: {max_ppl_increase_pct: 50}, objective: best_quality}",
+    ))
+    summary = run_optimize(recipe)
+    trials = [r for r in summary.results if r.variant.startswith("rtn-search-t")]
+    assert [r.variant for r in trials] == ["rtn-search-t0", "rtn-search-t1", "rtn-search-t2", "rtn-search-t3"]
+    assert all(r.status == "finished" for r in trials)
+    client = mlflow_client(workdir)
+    runs = client.search_runs([summary.experiment_id], "tags.`byoai.search` = 'rtn-search'")
+    assert len(runs) == 4 and {r.data.tags["byoai.trial"] for r in runs} == {"0", "1", "2", "3"}
+    tried = {(r.data.params["param.group_size"], r.data.params["param.bits"]) for r in runs}
+    assert len(tried) == 4  # a grid is walked without repeats
+    # the same search again replays the same seeded proposals, all from cache
+    again = run_optimize(recipe)
+    assert [r.version for r in again.results] == [r.version for r in summary.results]
+
+
+def test_search_stops_when_the_goal_is_reached(write_recipe):
+    recipe = load_recipe(write_recipe(
+        targets="[cpu-x86]",
+        variants="[{name: s, technique: rtn, search: {space: {group_size: [16, 32, 64]}, trials: 3, metric: ppl, stop_at: 1e9}}]",
+    ))
+    summary = run_optimize(recipe)
+    assert [r.variant for r in summary.results] == ["s-t0"]  # any finished trial meets stop_at
+
+
+def test_search_space_is_validated_at_the_door(write_recipe):
+    from byoai.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"search.space.group_sz: not a parameter of rtn"):
+        load_recipe(write_recipe(variants="[{name: s, technique: rtn, search: {space: {group_sz: [32]}}}]"))
+    with pytest.raises(RecipeError, match=r"search.space.bits: 5 is not valid"):
+        load_recipe(write_recipe(variants="[{name: s, technique: rtn, search: {space: {bits: [4, 5]}}}]"))

@@ -146,7 +146,7 @@ def browse_uis(flow_run, model_name: str) -> None:
         page.get_by_text("optimize").first.wait_for(timeout=60_000)
         page.get_by_text("Completed").first.wait_for(timeout=60_000)
         page.screenshot(path=str(SCREENSHOTS / "prefect-flow-run.png"), full_page=True)
-        page.get_by_role("tab", name="Task Runs").click()
+        page.get_by_text("Task Runs", exact=True).first.click()
         page.get_by_text("build-rtn-w4-g32-0-rtn").first.wait_for(timeout=60_000)
         page.get_by_text("evaluate-rtn-w4-g32@cpu-x86").first.wait_for(timeout=60_000)
         page.screenshot(path=str(SCREENSHOTS / "prefect-task-runs.png"), full_page=True)

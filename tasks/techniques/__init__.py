@@ -7,6 +7,7 @@ config (pydantic) and `run(BuildInputs) -> BuildResult`; the flow never changes 
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,18 @@ class Technique:
     # Devices the technique can build on and whose output runs there.
     devices: frozenset[str]
     needs_calibration: bool
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def one_build_per_process() -> threading.Lock:
+    """The lock every build holds: llmcompressor's oneshot keeps global session state, so two
+    concurrent builds in one process corrupt each other (seen: NaN weights). Builds still run in
+    parallel across processes (Dask, Ray); with threads, evaluations overlap with a build.
+    (A function, not a global, so task runners that pickle the task by value can ship it.)
+    """
+    return _BUILD_LOCK
 
 
 def probe_ids(calibration_ids):
