@@ -76,6 +76,8 @@ _MODULES = (
     "rtn",
     "gptq",
     "distill",
+    "bnb",
+    "int8_cpu",
 )
 
 TECHNIQUES: dict[str, Technique] = {

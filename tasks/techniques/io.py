@@ -92,6 +92,8 @@ def weight_sparsity(model) -> float:
         weight = getattr(module, "weight", None)
         if name.endswith("lm_head") or weight is None or weight.dim() != 2 or isinstance(module, torch.nn.Embedding):
             continue
+        if hasattr(weight, "__tensor_flatten__") and hasattr(weight, "dequantize"):
+            weight = weight.dequantize()  # a torchao tensor subclass (int8_cpu): count its float values
         if weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
             zeros += int((weight == 0).sum())
             total += weight.numel()
