@@ -76,6 +76,11 @@ _MODULES = (
     "rtn",
     "gptq",
     "distill",
+    "magnitude",
+    "wanda",
+    "sparsegpt",
+    "sparse24",
+    "drop_layers",
     "bnb",
     "int8_cpu",
 )

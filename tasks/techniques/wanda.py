@@ -1,0 +1,35 @@
+"""Wanda (Sun et al. 2023): prune by |weight| x input-activation norm, with calibration, no update.
+
+llmcompressor's WandaPruningModifier, run layer by layer (sequential pipeline) on the recipe's
+calibration windows. Unstructured: within each output row, the lowest-scoring `sparsity`
+fraction of weights is zeroed (the paper's per-output comparison group).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from tasks.techniques import BuildInputs, BuildResult, Technique
+from tasks.techniques.pruning import PruningConfig, prune_with_llmcompressor
+
+
+class WandaConfig(PruningConfig):
+    pass
+
+
+def run(inputs: BuildInputs) -> BuildResult:
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    config: WandaConfig = inputs.config
+    factory = partial(WandaPruningModifier, sparsity=config.sparsity, mask_structure="0:0")
+    return prune_with_llmcompressor(inputs, factory, config.ignore, config.sparsity, "unstructured")
+
+
+TECHNIQUE = Technique(
+    name="wanda",
+    summary="Wanda unstructured pruning with calibration (llmcompressor)",
+    config=WandaConfig,
+    run=run,
+    devices=frozenset({"cpu", "cuda"}),
+    needs_calibration=True,
+)
