@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from recipes import TARGETS_DIR
+from tasks.lm_eval_tasks import LmEvalSpec
 from tasks.techniques import TECHNIQUES
 
 # MLflow registered-model and alias names accept these; variant and target names follow suit.
@@ -178,6 +179,9 @@ class LatencySpec(_Strict):
 class EvaluationSpec(_Strict):
     perplexity: PerplexitySpec
     latency: LatencySpec = LatencySpec()
+    # Task accuracy with lm-eval on the loaded artifact: shipped offline tasks (recipes/lm_eval)
+    # or any lm-eval task name whose data is reachable (the hub or a datasets cache).
+    tasks: LmEvalSpec | None = None
 
 
 # ---------------------------------------------------------------- targets
@@ -341,6 +345,9 @@ class VariantSpec(_Strict):
 class GateSpec(_Strict):
     # A variant passes when its perplexity is at most this many percent above the baseline's.
     max_ppl_increase_pct: float = Field(default=10.0, ge=0)
+    # ... and, with evaluation.tasks, when every task recovers at least this fraction of the base
+    # model's score (0.95 is the bar llm-compressor's own CI uses).
+    min_task_recovery: float | None = Field(default=None, gt=0, le=2)
 
 
 class ScheduleSpec(_Strict):

@@ -18,6 +18,8 @@ class ResultRow(BaseModel):
     load_s: float | None = None
     prefill_ms: float | None = None
     decode_tok_s: float | None = None
+    # lm-eval task -> main metric of this variant (e.g. accuracy)
+    task_scores: dict[str, float] = {}
     version: str | None = None
     run_id: str | None = None
     reason: str = ""

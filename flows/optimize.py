@@ -23,6 +23,7 @@ from byoai.summary import ResultRow, RunSummary
 from tasks.build import build_variant
 from tasks.data import TokensRef, prepare_calibration, prepare_perplexity_tokens
 from tasks.evaluate import evaluate_artifact
+from tasks.lm_eval_tasks import fingerprint
 from tasks.model import ModelRef, resolve_model
 from tasks.promote import Candidate, promote_champion
 from tasks.report import log_report, render_markdown
@@ -101,13 +102,18 @@ class Loop:
                 self.fail(variant, target, f"{where} failed: {message}", text)
             return []
         built = [future.result() for future in stages]
-        latency = self.recipe.evaluation.latency
         return [
             (variant, target, built, _heavy(evaluate_artifact, f"evaluate-{variant.name}@{target.name}", target.device).submit(
-                built[-1], target, self.perplexity_tokens, latency
+                built[-1], target, self.perplexity_tokens, *self.evaluation_args
             ))
             for target in runnable
         ]
+
+    @property
+    def evaluation_args(self) -> tuple:
+        """The latency spec, lm-eval spec and its data fingerprint, as evaluate_artifact takes them."""
+        tasks = self.recipe.evaluation.tasks
+        return self.recipe.evaluation.latency, tasks, fingerprint(tasks) if tasks else None
 
     def record(self, variant: VariantSpec, target: TargetProfile, built: list, future, tags: dict[str, str] | None = None) -> Candidate | None:
         """Log the child run and register the version of one evaluated variant x target."""
@@ -125,6 +131,7 @@ class Loop:
             variant=variant.name, technique=variant.technique, target=target.name, status="finished",
             ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
             load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
+            task_scores={task: score["value"] for task, score in metrics.tasks.items()},
             version=version.version, run_id=run_id,
         ))
         return candidate
@@ -198,7 +205,7 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
         # The gate's reference: the base model, measured on each target like every variant.
         base = _heavy(build_variant, "build-reference", "cpu").submit("baseline", {}, model, model, loop.calibration, "cpu", loop.variants_dir)
         reference = {
-            t.name: _heavy(evaluate_artifact, f"evaluate-reference@{t.name}", t.device).submit(base, t, loop.perplexity_tokens, recipe.evaluation.latency)
+            t.name: _heavy(evaluate_artifact, f"evaluate-reference@{t.name}", t.device).submit(base, t, loop.perplexity_tokens, *loop.evaluation_args)
             for t in targets
         }
         loop.reference = {name: future.result() for name, future in reference.items()}

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from byoai.log import step_logger
 from byoai import devices
 from byoai.recipe import LatencySpec, TargetProfile
+from tasks.lm_eval_tasks import LmEvalSpec
 from tasks.build import Artifact
 from tasks.data import CACHED, TokensRef, load_tokens
 
@@ -36,6 +37,8 @@ class Metrics(BaseModel):
     # ttft_ms.pN (+ .min/.max) per prompt length N, decode_tok_s.bB and tpot_ms.bB per batch B,
     # peak_mem_mb, weights_mb, bandwidth_gb_s, decode_bound_tok_s, decode_efficiency.
     profile: dict[str, float] = {}
+    # lm-eval scores per task (tasks.lm_eval_tasks.run_lm_eval), when the recipe asks for them.
+    tasks: dict[str, dict] = {}
 
 
 def ppl_delta_pct(metrics: Metrics, reference: Metrics) -> float:
@@ -100,6 +103,8 @@ def measure_latency(model, windows, spec: LatencySpec, device: str) -> tuple[flo
 
     tokens = windows.flatten()
     profile: dict[str, float] = {}
+    # lm-eval scores per task (tasks.lm_eval_tasks.run_lm_eval), when the recipe asks for them.
+    tasks: dict[str, dict] = {}
 
     def prefill(ids):
         return model(ids, use_cache=True)
@@ -164,8 +169,18 @@ def memory_profile(model, device: str) -> dict[str, float]:
 
 
 @task(cache_policy=CACHED, persist_result=True)
-def evaluate_artifact(artifact: Artifact, target: TargetProfile, perplexity_tokens: TokensRef, latency: LatencySpec) -> Metrics:
+def evaluate_artifact(
+    artifact: Artifact,
+    target: TargetProfile,
+    perplexity_tokens: TokensRef,
+    latency: LatencySpec,
+    lm_eval: LmEvalSpec | None = None,
+    lm_eval_data: str | None = None,  # fingerprint of the task files: edited data invalidate the cache
+) -> Metrics:
     import torch
+    from transformers import AutoTokenizer
+
+    from tasks.lm_eval_tasks import run_lm_eval
 
     if target.threads:
         torch.set_num_threads(target.threads)
@@ -179,6 +194,7 @@ def evaluate_artifact(artifact: Artifact, target: TargetProfile, perplexity_toke
     prefill_ms, decode_tok_s, profile = measure_latency(model, windows, latency, target.device)
     profile |= memory_profile(model, target.device)
     profile["decode_efficiency"] = decode_tok_s / profile["decode_bound_tok_s"]
+    scores = run_lm_eval(model, AutoTokenizer.from_pretrained(artifact.path), lm_eval) if lm_eval else {}
     metrics = Metrics(
         ppl=ppl,
         ppl_tokens=int(windows.numel()),
@@ -188,6 +204,7 @@ def evaluate_artifact(artifact: Artifact, target: TargetProfile, perplexity_toke
         decode_tok_s=decode_tok_s,
         device=devices.describe(target.device),
         profile=profile,
+        tasks=scores,
     )
     step_logger().info("%s on %s: %s", artifact.technique, target.name, metrics)
     return metrics

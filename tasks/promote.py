@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from byoai.log import step_logger
 from byoai.recipe import PromotionSpec
 from tasks.evaluate import Metrics, ppl_delta_pct
+from tasks.lm_eval_tasks import recovery
 from tasks.tracking import TAG, client
 
 
@@ -23,6 +24,8 @@ class Candidate(BaseModel):
     ppl_delta_pct: float
     size_mb: float
     decode_tok_s: float
+    # lm-eval task -> variant score / base model score (empty without evaluation.tasks)
+    task_recovery: dict[str, float] = {}
 
     @classmethod
     def measured(cls, variant: str, version: str, metrics: Metrics, reference: Metrics) -> Candidate:
@@ -33,6 +36,7 @@ class Candidate(BaseModel):
             ppl_delta_pct=ppl_delta_pct(metrics, reference),
             size_mb=metrics.size_mb,
             decode_tok_s=metrics.decode_tok_s,
+            task_recovery=recovery(metrics.tasks, reference.tasks),
         )
 
 
@@ -65,6 +69,11 @@ def rejection(c: Candidate, promotion: PromotionSpec) -> str | None:
     limit = promotion.gate.max_ppl_increase_pct
     if c.ppl_delta_pct > limit:
         return f"gate failed: ppl +{c.ppl_delta_pct:.2f}% > {limit:g}%"
+    bar = promotion.gate.min_task_recovery
+    if bar is not None:
+        low = {task: r for task, r in c.task_recovery.items() if not r >= bar}
+        if low:
+            return "gate failed: task recovery " + ", ".join(f"{t} {r:.3f}" for t, r in sorted(low.items())) + f" < {bar:g}"
     if promotion.max_size_mb is not None and c.size_mb > promotion.max_size_mb:
         return f"over budget: {c.size_mb:.1f} MB > max_size_mb {promotion.max_size_mb:g}"
     if promotion.min_decode_tok_s is not None and c.decode_tok_s < promotion.min_decode_tok_s:
@@ -98,7 +107,7 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
     rows = []
     for c in sorted(candidates, key=key):
         rejected = rejection(c, promotion)
-        gate = c.ppl_delta_pct <= promotion.gate.max_ppl_increase_pct
+        gate = rejected is None or not rejected.startswith("gate failed")
         if rejected:
             why = rejected
         elif c is best:
@@ -112,6 +121,7 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
             "ppl_delta_pct": round(c.ppl_delta_pct, 3),
             "size_mb": round(c.size_mb, 3),
             "decode_tok_s": round(c.decode_tok_s, 3),
+            "min_task_recovery": round(min(c.task_recovery.values()), 4) if c.task_recovery else None,
             "gate": "pass" if gate else "fail",
             "pareto": c.version in front,
             "champion": c.version == (winner or (champion.version if champion else None)),

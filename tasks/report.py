@@ -20,12 +20,13 @@ _RESULT_COLUMNS = [
     ("variant", "variant", None), ("target", "target", None), ("status", "status", None),
     ("ppl", "ppl", ".3f"), ("ppl_delta_pct", "Δppl %", "+.2f"), ("size_mb", "size MB", ".1f"),
     ("load_s", "load s", ".2f"), ("prefill_ms", "prefill ms", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
-    ("version", "version", None), ("reason", "note", None),
+    ("task_scores", "tasks", None), ("version", "version", None), ("reason", "note", None),
 ]
 _DECISION_COLUMNS = [
     ("target", "target", None), ("variant", "variant", None), ("version", "version", None),
     ("ppl_delta_pct", "Δppl %", "+.2f"), ("size_mb", "size MB", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
-    ("gate", "gate", None), ("pareto", "Pareto", None), ("champion", "champion", None), ("reason", "why", None),
+    ("min_task_recovery", "task recovery", ".3f"), ("gate", "gate", None), ("pareto", "Pareto", None),
+    ("champion", "champion", None), ("reason", "why", None),
 ]
 
 
@@ -34,6 +35,8 @@ def _cell(value: Any, spec: str | None) -> str:
         return ""
     if isinstance(value, bool):
         return "★" if value else ""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v:.3f}" for k, v in value.items())
     return format(value, spec) if spec and isinstance(value, int | float) else str(value)
 
 

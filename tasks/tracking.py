@@ -18,6 +18,7 @@ from byoai.log import step_logger
 from byoai.recipe import Recipe, TargetProfile, VariantSpec
 from tasks.build import Artifact
 from tasks.evaluate import Metrics, ppl_delta_pct
+from tasks.lm_eval_tasks import mlflow_metrics, recovery
 
 TAG = "byoai."
 
@@ -155,6 +156,8 @@ def log_variant_run(
             "build_s": sum(stage.build_s for stage in stages),
             "ppl_tokens": metrics.ppl_tokens,
             **metrics.profile,
+            **mlflow_metrics(metrics.tasks),
+            **{f"recovery.{task}": value for task, value in recovery(metrics.tasks, reference.tasks).items()},
         },
     )
     mlflow.set_terminated(run_id, "FINISHED")

@@ -274,3 +274,25 @@ def test_search_space_is_validated_at_the_door(write_recipe):
         load_recipe(write_recipe(variants="[{name: s, technique: rtn, search: {space: {group_sz: [32]}}}]"))
     with pytest.raises(RecipeError, match=r"search.space.bits: 5 is not valid"):
         load_recipe(write_recipe(variants="[{name: s, technique: rtn, search: {space: {bits: [4, 5]}}}]"))
+
+
+def test_lm_eval_tasks_are_scored_and_gated_in_the_loop(write_recipe, workdir):
+    # The shipped offline cloze task (recipes/lm_eval), 32 questions: the tiny random model is
+    # near chance, so its recovery ratios are noise; a bar of 2.0 (twice the base score) must fail.
+    recipe = load_recipe(write_recipe(
+        targets="[cpu-x86]",
+        variants="[{name: rtn-w8-g32, technique: rtn, params: {bits: 8, group_size: 32}}]",
+        evaluation="""
+  perplexity: {source: {kind: builtin, split: test}, max_tokens: 512, seq_len: 128}
+  latency: {prompt_tokens: 16, new_tokens: 4, warmup: 0, repeats: 1}
+  tasks: {tasks: [byoai_pydoc_cloze], limit: 32}""",
+        promotion="{gate: {max_ppl_increase_pct: 50, min_task_recovery: 2.0}}",
+    ))
+    summary = run_optimize(recipe)
+    row = summary.results[0]
+    assert 0 <= row.task_scores["byoai_pydoc_cloze"] <= 1
+    metrics = mlflow_client(workdir).get_run(row.run_id).data.metrics
+    assert metrics["lm_eval.byoai_pydoc_cloze.n"] == 32 and "recovery.byoai_pydoc_cloze" in metrics
+    decision = summary.decisions[0]
+    assert decision["gate"] == "fail" and "task recovery byoai_pydoc_cloze" in decision["reason"]
+    assert summary.champions["cpu-x86"] is None
