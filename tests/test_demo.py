@@ -25,6 +25,11 @@ def test_demo_recipe_promotes_gptq_on_smollm2(workdir):
     # GPTQ (32 x 256 calibration tokens) must not be worse than round-to-nearest at the same group size
     assert gptq.ppl <= rtn.ppl
     assert gptq.size_mb < 0.4 * base.size_mb
+    # torchao int8 keeps quality (~+0.5 %) at ~41 % of the size
+    int8 = rows["int8-weight-only"]
+    assert int8.ppl_delta_pct < 3 and int8.size_mb < 0.45 * base.size_mb
+    # one shipped lm-eval task (64 questions, 4 options): the real model is far above chance 0.25
+    assert base.task_scores["byoai_pydoc_cloze"] > 0.6
     # gate 25 %: RTN W4 (~+43 %) fails it, GPTQ W4 (~+20 %) passes and is smallest, so it is champion
     decisions = {d["variant"]: d for d in summary.decisions}
     assert decisions["rtn-w4-g64"]["gate"] == "fail"
