@@ -103,8 +103,6 @@ def measure_latency(model, windows, spec: LatencySpec, device: str) -> tuple[flo
 
     tokens = windows.flatten()
     profile: dict[str, float] = {}
-    # lm-eval scores per task (tasks.lm_eval_tasks.run_lm_eval), when the recipe asks for them.
-    tasks: dict[str, dict] = {}
 
     def prefill(ids):
         return model(ids, use_cache=True)

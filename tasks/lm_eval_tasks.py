@@ -28,7 +28,6 @@ import functools
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 

@@ -13,7 +13,7 @@ from importlib.metadata import version
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, probe_ids
+from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
 class DistillConfig(BaseModel):
@@ -47,7 +47,7 @@ def distillation_loss(student_out, teacher_out, config: DistillConfig):
 def run(inputs: BuildInputs) -> BuildResult:
     import torch
 
-    from tasks.techniques.io import load_model, load_stage_input, logits, save_model
+    from tasks.techniques.io import load_model, load_stage_input, saved
 
     config: DistillConfig = inputs.config
     student, tokenizer = load_stage_input(inputs.model_dir)
@@ -84,10 +84,9 @@ def run(inputs: BuildInputs) -> BuildResult:
     train_s = time.perf_counter() - started
 
     student.eval()
-    save_model(student, tokenizer, inputs.out_dir)
     head = max(1, len(losses) // 5)  # mean of the first and last fifth: one step is too noisy
-    return BuildResult(
-        model_dir=inputs.out_dir,
+    return saved(
+        student, tokenizer, inputs,
         facts={
             "format": "safetensors",
             "library": f"torch {version('torch')}",
@@ -99,7 +98,6 @@ def run(inputs: BuildInputs) -> BuildResult:
             "train_s": round(train_s, 2),
             "tokens_seen": config.steps * config.batch_size * windows.shape[1],
         },
-        probe_logits=logits(student, probe_ids(windows)),
     )
 
 

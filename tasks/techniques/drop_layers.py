@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, probe_ids
+from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
 class DropLayersConfig(BaseModel):
@@ -119,7 +119,7 @@ def remove_layers(model, dropped: list[int]) -> None:
 
 
 def run(inputs: BuildInputs) -> BuildResult:
-    from tasks.techniques.io import load_stage_input, logits, save_model
+    from tasks.techniques.io import load_stage_input, saved
 
     config: DropLayersConfig = inputs.config
     model, tokenizer = load_stage_input(inputs.model_dir)
@@ -136,10 +136,7 @@ def run(inputs: BuildInputs) -> BuildResult:
     dropped = choose(scores, config.score, config.n_layers, keep)
     params_before = sum(p.numel() for p in model.parameters())
     remove_layers(model, dropped)
-    save_model(model, tokenizer, inputs.out_dir)
-    return BuildResult(
-        model_dir=inputs.out_dir,
-        probe_logits=logits(model, probe_ids(inputs.calibration_ids)),
+    return saved(model, tokenizer, inputs,
         facts={
             "format": "safetensors",
             "library": "transformers (layers removed from the module list)",

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, probe_ids
+from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
 class Int8CpuConfig(BaseModel):
@@ -56,17 +56,14 @@ def run(inputs: BuildInputs) -> BuildResult:
     from torchao.quantization import Int8Tensor
 
     from tasks.techniques.bnb import load_quantized
-    from tasks.techniques.io import logits, save_model
+    from tasks.techniques.io import saved
 
     config: Int8CpuConfig = inputs.config
     model, tokenizer = load_quantized(inputs, quantization_config(config))
     layers = sum(isinstance(getattr(m, "weight", None), Int8Tensor) for m in model.modules())
     if not layers:
         raise TechniqueError("torchao quantized no Linear layer of this model")
-    save_model(model, tokenizer, inputs.out_dir)
-    return BuildResult(
-        model_dir=inputs.out_dir,
-        probe_logits=logits(model, probe_ids(inputs.calibration_ids)),
+    return saved(model, tokenizer, inputs,
         facts={
             "format": "torchao int8 (safetensors)",
             "library": f"torchao {version('torchao')}, transformers {version('transformers')}",

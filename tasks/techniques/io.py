@@ -74,6 +74,17 @@ def save_model(model, tokenizer, out_dir: Path, **kwargs) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def saved(model, tokenizer, inputs, facts: dict, **save_kwargs):
+    """Save a built model into inputs.out_dir and describe it: the facts, plus its logits on the
+    probe windows, which the build step compares with the reloaded folder. Saving comes first:
+    some formats (bitsandbytes 4-bit on CPU) change their in-memory weights at the first forward.
+    """
+    from tasks.techniques import BuildResult, probe_ids
+
+    save_model(model, tokenizer, inputs.out_dir, **save_kwargs)
+    return BuildResult(model_dir=inputs.out_dir, facts=facts, probe_logits=logits(model, probe_ids(inputs.calibration_ids)))
+
+
 def logits(model, ids):
     """Float32 logits on CPU for `ids`, computed on the model's own device."""
     import torch

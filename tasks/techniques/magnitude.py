@@ -8,7 +8,7 @@ masks are never applied and nothing is pruned (checked on this project's machine
 
 from __future__ import annotations
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, probe_ids
+from tasks.techniques import BuildInputs, BuildResult, Technique
 from tasks.techniques.pruning import PruningConfig, prunable_layers, pruning_facts
 
 
@@ -20,7 +20,7 @@ def run(inputs: BuildInputs) -> BuildResult:
     import torch
     from torch.nn.utils import prune
 
-    from tasks.techniques.io import load_stage_input, logits, save_model
+    from tasks.techniques.io import load_stage_input, saved
 
     config: MagnitudeConfig = inputs.config
     model, tokenizer = load_stage_input(inputs.model_dir)
@@ -29,10 +29,7 @@ def run(inputs: BuildInputs) -> BuildResult:
         for module in layers.values():
             prune.l1_unstructured(module, "weight", amount=config.sparsity)
             prune.remove(module, "weight")
-    save_model(model, tokenizer, inputs.out_dir)
-    return BuildResult(
-        model_dir=inputs.out_dir,
-        probe_logits=logits(model, probe_ids(inputs.calibration_ids)),
+    return saved(model, tokenizer, inputs,
         facts=pruning_facts(layers, config.sparsity, "unstructured", f"torch {torch.__version__} (nn.utils.prune)"),
     )
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, TechniqueError, probe_ids
+from tasks.techniques import BuildInputs, BuildResult, TechniqueError
 from tasks.techniques.weight_quant import _ignored
 
 DENSE_FORMAT = "safetensors (dense: pruned zeros are stored, no size saving on disk)"
@@ -112,7 +112,7 @@ def prune_with_llmcompressor(
     """
     from llmcompressor import oneshot
 
-    from tasks.techniques.io import load_stage_input, logits, save_model
+    from tasks.techniques.io import load_stage_input, saved
     from tasks.techniques.weight_quant import oneshot_kwargs
 
     model, tokenizer = load_stage_input(inputs.model_dir)
@@ -122,9 +122,6 @@ def prune_with_llmcompressor(
     modifier = modifier_factory(targets=list(layers), ignore=[])
     oneshot(model=model, recipe=[modifier], **oneshot_kwargs(inputs.calibration_ids))
     # llmcompressor's save wrapper: with no quantization attached it writes plain dense weights
-    save_model(model, tokenizer, inputs.out_dir)
-    return BuildResult(
-        model_dir=inputs.out_dir,
-        probe_logits=logits(model, probe_ids(inputs.calibration_ids)),
+    return saved(model, tokenizer, inputs,
         facts=pruning_facts(layers, requested, mask, f"llmcompressor {version('llmcompressor')}"),
     )

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, probe_ids
+from tasks.techniques import BuildInputs, BuildResult, Technique
 from tasks.techniques.pruning import check_n_m_fits, prunable_layers, prune_with_llmcompressor, pruning_facts
 
 
@@ -37,7 +37,7 @@ def _magnitude_2_4(inputs: BuildInputs, config: Sparse24Config) -> BuildResult:
     import torch
     from torch.nn.utils import prune
 
-    from tasks.techniques.io import load_stage_input, logits, save_model
+    from tasks.techniques.io import load_stage_input, saved
     from tasks.techniques.pruning import n_m_keep_mask
 
     model, tokenizer = load_stage_input(inputs.model_dir)
@@ -47,10 +47,7 @@ def _magnitude_2_4(inputs: BuildInputs, config: Sparse24Config) -> BuildResult:
         for module in layers.values():
             prune.custom_from_mask(module, "weight", n_m_keep_mask(module.weight.abs(), 2, 4))
             prune.remove(module, "weight")
-    save_model(model, tokenizer, inputs.out_dir)
-    return BuildResult(
-        model_dir=inputs.out_dir,
-        probe_logits=logits(model, probe_ids(inputs.calibration_ids)),
+    return saved(model, tokenizer, inputs,
         facts=pruning_facts(layers, 0.5, "2:4", f"torch {torch.__version__} (nn.utils.prune)"),
     )
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, TechniqueError, probe_ids
+from tasks.techniques import BuildInputs, BuildResult, TechniqueError
 
 
 class WeightQuantConfig(BaseModel):
@@ -193,7 +193,7 @@ def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate
     """Load, check layers, run llmcompressor's oneshot with one modifier, save compressed."""
     from llmcompressor import oneshot
 
-    from tasks.techniques.io import load_stage_input, logits, save_model
+    from tasks.techniques.io import load_stage_input, saved
 
     config: WeightQuantConfig = inputs.config
     model, tokenizer = load_stage_input(inputs.model_dir)
@@ -202,10 +202,7 @@ def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate
     # a pruned input stays pruned (a sparse24 -> gptq chain keeps its 2:4 mask)
     with keep_pruned_zeros(model, layers) as sparsity_facts:
         oneshot(model=model, recipe=[modifier], **(oneshot_kwargs(inputs.calibration_ids) if calibrate else {}))
-    save_model(model, tokenizer, inputs.out_dir, save_compressed=True)
-    return BuildResult(
-        model_dir=inputs.out_dir,
-        probe_logits=logits(model, probe_ids(inputs.calibration_ids)),
+    return saved(model, tokenizer, inputs, save_compressed=True,
         facts={
             "format": "compressed-tensors",
             "library": f"llmcompressor {version('llmcompressor')}",
