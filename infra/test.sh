@@ -7,7 +7,9 @@ cd "$root"
 bash infra/install.sh
 if [ "${BYOAI_TEST_STACK:-1}" = 1 ]; then
   bash infra/system-packages.sh
-  export BYOAI_STACK_DIR="${BYOAI_STACK_DIR:-$root/.byoai/test-stack}"
+  # Its own folder and ports, so a developer's running stack (infra/stack.sh) is left alone.
+  export BYOAI_STACK_DIR="${BYOAI_TEST_STACK_DIR:-$root/.byoai/test-stack}"
+  export BYOAI_PG_PORT="${BYOAI_TEST_PG_PORT:-55433}" BYOAI_PREFECT_PORT="${BYOAI_TEST_PREFECT_PORT:-4201}" BYOAI_MLFLOW_PORT="${BYOAI_TEST_MLFLOW_PORT:-5001}"
   started=$(date +%s)
   eval "$(bash infra/stack.sh start)"
   echo "service stack up in $(( $(date +%s) - started )) s"
