@@ -170,7 +170,7 @@ def test_a_cancelled_run_resumes_from_persisted_results(write_recipe, on_stack):
         targets="[cpu-x86]",
         variants="""
   - {name: rtn-w4-g32, technique: rtn, params: {group_size: 32}}
-  - {name: slow-distill, stages: [{technique: rtn, params: {bits: 8, group_size: 32}}, {technique: distill, params: {steps: 500, batch_size: 8}}]}""",
+  - {name: slow-distill, stages: [{technique: rtn, params: {bits: 8, group_size: 32}}, {technique: distill, params: {steps: 4000, batch_size: 8}}]}""",
     )
     (path.parent / "targets").mkdir(exist_ok=True)
     (path.parent / "targets" / "cpu-x86.yaml").write_text("name: cpu-x86\ndevice: cpu\ntechniques: [baseline, rtn, distill]\n")
@@ -190,6 +190,9 @@ def test_a_cancelled_run_resumes_from_persisted_results(write_recipe, on_stack):
     prefect_call(lambda c: c.set_flow_run_state(first.id, Cancelling(), force=True))
     while prefect_call(lambda c: c.read_flow_run(first.id)).state.type not in {StateType.CANCELLED, StateType.CRASHED, StateType.FAILED}:
         time.sleep(1)
+    # ~11 ms a step on an idle 2-core CPU: 4000 steps outlast the worker's cancellation by minutes
+    killed = {r.name: r.state.name for r in task_runs(first.id)}["build-slow-distill-1-distill"]
+    assert killed != "Completed", "the distillation finished before the cancellation landed: make it longer"
 
     client = mlflow()
     parent = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`prefect.flow_run_id` = '{optimize_run_id(first.id)}'")[0]
