@@ -149,7 +149,7 @@ def champions(name: str, tracking_uri: TrackingUri = None) -> None:
     from mlflow.exceptions import MlflowException
 
     from byoai.settings import Settings
-    from tasks.tracking import TAG, client
+    from tasks.tracking import TAG, client, evaluation_run_id
 
     uri = Settings().tracking(tracking_uri)
     mlflow = client(uri)
@@ -163,7 +163,8 @@ def champions(name: str, tracking_uri: TrackingUri = None) -> None:
         table.add_column(column)
     for alias, version in sorted(model.aliases.items()):
         mv = mlflow.get_model_version(name, version)
-        metrics = mlflow.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        run_id = evaluation_run_id(mv)
+        metrics = mlflow.get_run(run_id).data.metrics if run_id else {}
         table.add_row(
             alias, str(version), mv.tags.get(f"{TAG}variant", ""), mv.tags.get(f"{TAG}technique", ""), mv.tags.get(f"{TAG}target", ""),
             _num(metrics.get("ppl"), ".3f"), _num(metrics.get("ppl_delta_pct"), "+.2f"), _num(metrics.get("size_mb"), ".1f"),

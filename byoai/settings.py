@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     # Override the recipe's execution block on this machine (e.g. more workers on a big box).
     runner: str | None = None
     max_workers: int | None = None
+    # How long `optimize` waits for a run it dispatched to another target's work pool (a worker
+    # that died leaves its run pending): past it, that target's variants are recorded as failed.
+    dispatch_timeout_s: float = Field(default=6 * 3600, gt=0)
 
     def resolved_home(self) -> Path:
         return self.home.expanduser().resolve()

@@ -1,4 +1,5 @@
-"""Deploy the optimize flow for a recipe: a Prefect deployment on a work pool, on a schedule."""
+"""Deploy a recipe: the optimize flow on its pool, and a `byoai-target` flow on every other
+pool its targets name, so one run measures each target on that target's own hardware."""
 
 from __future__ import annotations
 
@@ -11,27 +12,47 @@ from byoai.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def target_deployment_name(recipe: Recipe, pool: str) -> str:
+    return f"{recipe.name}-on-{pool}"
+
+
 def deploy_recipe(recipe: Recipe, work_pool: str | None = None, cron: str | None = None, tracking_uri: str | None = None) -> UUID:
     """Create or update the deployment `byoai/<recipe name>`; return its id.
 
-    The pool defaults to the first target's; the schedule to the recipe's `schedule`. Workers run
-    the flow from this checkout (a process pool on this machine, or the same image elsewhere).
+    The pool defaults to the first target's; the schedule to the recipe's `schedule`. Each other
+    pool named by a target gets the deployment `byoai-target/<recipe>-on-<pool>` (no schedule: the
+    optimize run starts it), and the optimize deployment's `dispatch` parameter sends those
+    targets there. Workers run the flows from this checkout (a process pool on this machine, or
+    the same image elsewhere).
     """
     from flows.optimize import byoai_deployment
+    from flows.target import byoai_target
 
     settings = Settings()
     pool = work_pool or recipe.targets[0].work_pool
-    schedule = cron or (recipe.schedule.cron if recipe.schedule else None)
-    home = settings.resolved_home()
-    flow = byoai_deployment.from_source(source=str(ROOT), entrypoint="flows/optimize.py:byoai_deployment")
-    return flow.deploy(
-        name=recipe.name,
+    uri = settings.tracking(tracking_uri)
+    dispatch = {}
+    for other in sorted({t.work_pool for t in recipe.targets} - {pool}):
+        name = target_deployment_name(recipe, other)
+        _deploy(byoai_target, "flows/target.py:byoai_target", name, other, None, {}, recipe, settings)
+        dispatch.update({t.name: f"byoai-target/{name}" for t in recipe.targets if t.work_pool == other})
+    return _deploy(
+        byoai_deployment, "flows/optimize.py:byoai_deployment", recipe.name, pool,
+        cron or (recipe.schedule.cron if recipe.schedule else None),
+        {"recipe": recipe.model_dump(mode="json"), "tracking_uri": uri, "dispatch": dispatch},
+        recipe, settings,
+    )
+
+
+def _deploy(flow, entrypoint: str, name: str, pool: str, cron: str | None, parameters: dict, recipe: Recipe, settings: Settings) -> UUID:
+    return flow.from_source(source=str(ROOT), entrypoint=entrypoint).deploy(
+        name=name,
         work_pool_name=pool,
-        cron=schedule,
-        parameters={"recipe": recipe.model_dump(mode="json"), "tracking_uri": settings.tracking(tracking_uri)},
+        cron=cron,
+        parameters=parameters,
         # Task results persist where `byoai run` keeps them, so a deployment run and a local run
         # of the same recipe share the cache, and a re-run after a crash resumes from them.
-        job_variables={"env": {"BYOAI_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(settings.results_dir())}},
+        job_variables={"env": {"BYOAI_HOME": str(settings.resolved_home()), "PREFECT_LOCAL_STORAGE_PATH": str(settings.results_dir())}},
         tags=["byoai", *(t.name for t in recipe.targets)],
         description=recipe.description or f"byoai optimize for {recipe.name}",
         build=False,

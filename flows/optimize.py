@@ -5,9 +5,7 @@ This module only orchestrates; every number is computed in a task.
 
 from __future__ import annotations
 
-import traceback
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,153 +14,63 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from byoai.capability import skip_reason
-from byoai.recipe import Recipe, TargetProfile, VariantSpec
+from byoai.recipe import Recipe
 from byoai.runners import execution, task_runner
 from byoai.settings import Settings
 from byoai.summary import ResultRow, RunSummary
-from tasks.build import build_variant
-from tasks.data import TokensRef, prepare_calibration, prepare_perplexity_tokens
-from tasks.evaluate import evaluate_artifact
-from tasks.lm_eval_tasks import fingerprint
-from tasks.model import ModelRef, resolve_model
-from tasks.promote import Candidate, promote_champion
+from flows.measure import TargetOutcome, measure_targets
+from tasks.promote import promote_champion
 from tasks.report import log_report, render_markdown
-from tasks.search import Search
-from tasks.tracking import RunRef, finish_parent_run, log_unbuilt_run, log_variant_run, register_variant, start_parent_run
+from tasks.tracking import RunRef, finish_parent_run, log_unbuilt_run, start_parent_run
 
 
 class PipelineFailed(Exception):
     """No variant x target finished: there is nothing to register or promote."""
 
 
-def _error_text(state) -> tuple[str, str]:
-    error = state.result(raise_on_failure=False)
-    if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error))
-    return str(state.message), str(state.message)
+def dispatch_to_pools(dispatch: dict[str, str], recipe: Recipe, parent: RunRef) -> dict[str, tuple[list[str], Any]]:
+    """Start one `byoai-target` run per deployment named in `dispatch` (target -> deployment) for
+    its targets, without waiting: they run on their pools' workers while this one measures its own."""
+    from prefect.deployments import run_deployment
 
-
-def _heavy(task, name: str, device: str):
-    # Tagged per device: a Prefect concurrency limit on byoai-<device> keeps one heavy job per
-    # GPU / CPU worker however many the task runner would start.
-    return task.with_options(task_run_name=name, tags=["byoai", f"byoai-{device}"])
-
-
-@dataclass
-class Loop:
-    """What every variant of one flow run shares, and what the run has recorded so far."""
-
-    recipe: Recipe
-    parent: RunRef
-    model: ModelRef
-    calibration: TokensRef
-    perplexity_tokens: TokensRef
-    variants_dir: str
-    reference: dict[str, Any] = field(default_factory=dict)  # target -> Metrics of the base model
-    builds: dict[tuple, Any] = field(default_factory=dict)  # stage prefix -> future (shared prefixes)
-    results: list[ResultRow] = field(default_factory=list)
-    candidates: dict[str, list[Candidate]] = field(default_factory=lambda: defaultdict(list))
-
-    def runnable(self, variant: VariantSpec) -> list[TargetProfile]:
-        """Targets this variant can run on here; the others are recorded as skipped, with why."""
-        runnable = []
-        for target in self.recipe.targets:
-            if (reason := skip_reason(variant, target)) is None:
-                runnable.append(target)
-            else:
-                log_unbuilt_run(self.parent, variant, target, "skipped", reason)
-                self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="skipped", reason=reason))
-        return runnable
-
-    def fail(self, variant: VariantSpec, target: TargetProfile, reason: str, text: str) -> None:
-        log_unbuilt_run(self.parent, variant, target, "failed", reason, text)
-        self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=reason))
-
-    def submit_chain(self, variant: VariantSpec, runnable: list[TargetProfile]) -> list:
-        """Submit the variant's stages; each stage's output (a future) is the next one's input."""
-        device = "cuda" if any(t.device == "cuda" for t in runnable) else "cpu"
-        stages, upstream = [], self.model
-        for i, stage in enumerate(variant.stages):
-            prefix = (device, *((s.technique, repr(sorted(s.params.items()))) for s in variant.stages[: i + 1]))
-            if prefix not in self.builds:
-                self.builds[prefix] = _heavy(build_variant, f"build-{variant.name}-{i}-{stage.technique}", device).submit(
-                    stage.technique, stage.params, upstream, self.model, self.calibration, device, self.variants_dir
-                )
-            upstream = self.builds[prefix]
-            stages.append(upstream)
-        return stages
-
-    def submit_evaluations(self, variant: VariantSpec, runnable: list[TargetProfile], stages: list) -> list:
-        """Once its chain is built, evaluate the artifact on each target; a failed stage is recorded."""
-        failed = next((i for i, future in enumerate(stages) if future.wait() or future.state.is_failed()), None)
-        if failed is not None:
-            where = f"stage {failed} ({variant.stages[failed].technique})" if len(variant.stages) > 1 else "build"
-            message, text = _error_text(stages[failed].state)
-            for target in runnable:
-                self.fail(variant, target, f"{where} failed: {message}", text)
-            return []
-        built = [future.result() for future in stages]
-        return [
-            (variant, target, built, _heavy(evaluate_artifact, f"evaluate-{variant.name}@{target.name}", target.device).submit(
-                built[-1], target, self.perplexity_tokens, *self.evaluation_args
-            ))
-            for target in runnable
-        ]
-
-    @property
-    def evaluation_args(self) -> tuple:
-        """The latency spec, lm-eval spec and its data fingerprint, as evaluate_artifact takes them."""
-        tasks = self.recipe.evaluation.tasks
-        return self.recipe.evaluation.latency, tasks, fingerprint(tasks) if tasks else None
-
-    def record(self, variant: VariantSpec, target: TargetProfile, built: list, future, tags: dict[str, str] | None = None) -> Candidate | None:
-        """Log the child run and register the version of one evaluated variant x target."""
-        future.wait()
-        if future.state.is_failed():
-            message, text = _error_text(future.state)
-            self.fail(variant, target, f"evaluation failed: {message}", text)
-            return None
-        metrics, reference = future.result(), self.reference[target.name]
-        run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, tags or {})
-        version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id)
-        candidate = Candidate.measured(variant.name, version.version, metrics, reference)
-        self.candidates[target.name].append(candidate)
-        self.results.append(ResultRow(
-            variant=variant.name, technique=variant.technique, target=target.name, status="finished",
-            ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
-            load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
-            task_scores={task: score["value"] for task, score in metrics.tasks.items()},
-            version=version.version, run_id=run_id,
+    by_deployment: dict[str, list[str]] = defaultdict(list)
+    for target in recipe.targets:
+        if target.name in dispatch:
+            by_deployment[dispatch[target.name]].append(target.name)
+    return {
+        deployment: (names, run_deployment(
+            deployment, timeout=0, as_subflow=True, flow_run_name=f"{recipe.name}-on-{'-'.join(names)}",
+            parameters={"recipe": recipe.model_dump(mode="json"), "targets": names, "parent": parent.model_dump()},
         ))
-        return candidate
+        for deployment, names in by_deployment.items()
+    }
 
-    def run_variants(self, variants: list[VariantSpec]) -> None:
-        """All builds submitted at once (the task runner decides what runs in parallel), then
-        evaluations as chains finish, then the records."""
-        chains = [(v, runnable, self.submit_chain(v, runnable)) for v in variants if (runnable := self.runnable(v))]
-        evaluations = [e for variant, runnable, stages in chains for e in self.submit_evaluations(variant, runnable, stages)]
-        for variant, target, built, future in evaluations:
-            self.record(variant, target, built, future)
 
-    def run_search(self, variant: VariantSpec) -> None:
-        """Trials one after another: each proposal depends on the scores of those before it."""
-        search = Search(variant.search, self.recipe.promotion)
-        for number in range(variant.search.trials):
-            proposal = search.ask()
-            if proposal is None:  # the whole grid was tried
-                break
-            trial, params = proposal
-            trial_variant = variant.trial(number, params)
-            runnable = self.runnable(trial_variant)
-            if not runnable:
-                break
-            tags = {"byoai.search": variant.name, "byoai.trial": str(number)}
-            evaluations = self.submit_evaluations(trial_variant, runnable, self.submit_chain(trial_variant, runnable))
-            candidates = [self.record(v, t, built, future, tags) for v, t, built, future in evaluations]
-            # scored on the first target the trial ran on
-            if search.tell(trial, candidates[0] if candidates else None):
-                get_run_logger().info("search %s reached stop_at after %d trials", variant.name, number + 1)
-                break
+def collect_dispatched(started: dict[str, tuple[list[str], Any]], recipe: Recipe, parent: RunRef, outcome: TargetOutcome) -> None:
+    """Wait for the dispatched runs and merge their outcomes; a run that did not complete fails
+    its targets' variants (recorded in MLflow with the run's state) and the others go on."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + Settings().dispatch_timeout_s
+    for deployment, (names, started_run) in started.items():
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(started_run.id)
+            while not run.state.is_final() and time.monotonic() < deadline:
+                time.sleep(2)
+                run = client.read_flow_run(started_run.id)
+        if run.state.is_completed():
+            outcome.merge(run.state.result())
+            continue
+        reason = f"dispatched run {run.name} ({deployment}, pool {run.work_pool_name}) ended {run.state.name}: {run.state.message or ''}"
+        if not run.state.is_final():
+            reason = f"dispatched run {run.name} ({deployment}) did not finish within BYOAI_DISPATCH_TIMEOUT_S"
+        get_run_logger().error(reason)
+        for target in (t for t in recipe.targets if t.name in names):
+            for variant in recipe.variants:
+                log_unbuilt_run(parent, variant, target, "failed", reason)
+                outcome.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=reason))
 
 
 def mark_failed_in_mlflow(flow, flow_run, state) -> None:
@@ -178,7 +86,9 @@ def mark_failed_in_mlflow(flow, flow_run, state) -> None:
 
 
 @flow(name="optimize", log_prints=True, on_failure=[mark_failed_in_mlflow], on_crashed=[mark_failed_in_mlflow], on_cancellation=[mark_failed_in_mlflow])
-def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
+def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str, str] | None = None) -> RunSummary:
+    """`dispatch` (target -> `byoai-target` deployment, set by `byoai deploy`) sends those targets'
+    builds and evaluations to their own work pools; the other targets are measured here."""
     settings = Settings()
     uri = settings.tracking(tracking_uri)
     # The artifact folder is ours to choose only for the default local store.
@@ -189,43 +99,26 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
     decisions: list[dict] = []
     rows: list[dict] = []
     status = "FAILED"
-    loop = None
+    outcome = TargetOutcome()
     try:
-        model = resolve_model(recipe.model, str(settings.models_dir()))
-        data_dir = str(settings.data_dir())
-        loop = Loop(
-            recipe=recipe, parent=parent, model=model,
-            # Calibration windows are prepared even when no technique calibrates: the build step
-            # probes every artifact with a few of them to check its save/reload round trip.
-            calibration=prepare_calibration(recipe.calibration, model, data_dir),
-            perplexity_tokens=prepare_perplexity_tokens(recipe.evaluation.perplexity, model, data_dir),
-            variants_dir=str(settings.variants_dir()),
-        )
-        targets = [t for t in recipe.targets if any(skip_reason(v, t) is None for v in recipe.variants)]
-        # The gate's reference: the base model, measured on each target like every variant.
-        base = _heavy(build_variant, "build-reference", "cpu").submit("baseline", {}, model, model, loop.calibration, "cpu", loop.variants_dir)
-        reference = {
-            t.name: _heavy(evaluate_artifact, f"evaluate-reference@{t.name}", t.device).submit(base, t, loop.perplexity_tokens, *loop.evaluation_args)
-            for t in targets
-        }
-        loop.reference = {name: future.result() for name, future in reference.items()}
-
-        loop.run_variants([v for v in recipe.variants if v.search is None])
-        for variant in recipe.variants:
-            if variant.search is not None:
-                loop.run_search(variant)
-
-        for target in targets:
-            decisions += promote_champion(uri, recipe.name, target.name, loop.candidates[target.name], recipe.promotion)
-        if any(r.status == "finished" for r in loop.results):
+        dispatch = dispatch or {}
+        started = dispatch_to_pools(dispatch, recipe, parent)
+        local = [t for t in recipe.targets if t.name not in dispatch]
+        if local:
+            measure_targets(recipe, local, parent, outcome)
+        collect_dispatched(started, recipe, parent, outcome)
+        for target in recipe.targets:
+            if target.name in outcome.candidates or any(skip_reason(v, target) is None for v in recipe.variants):
+                decisions += promote_champion(uri, recipe.name, target.name, outcome.candidates.get(target.name, []), recipe.promotion)
+        if any(r.status == "finished" for r in outcome.results):
             status = "FINISHED"
     finally:
-        rows = [r.model_dump() for r in loop.results] if loop else []
+        rows = [r.model_dump() for r in outcome.results]
         if rows:
             log_report(parent, recipe.name, rows, decisions)
         finish_parent_run(parent, rows, decisions, status)
 
-    results = loop.results
+    results = outcome.results
     champions = {d["target"]: d["version"] for d in decisions if d["champion"]}
     summary = RunSummary(
         model_name=recipe.name, tracking_uri=uri, experiment_id=parent.experiment_id, parent_run_id=parent.run_id,
@@ -241,10 +134,10 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
     return summary
 
 
-def run_optimize(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
+def run_optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str, str] | None = None) -> RunSummary:
     """Run the flow with the recipe's task runner and task results persisted under BYOAI_HOME."""
     settings = Settings()
-    return optimize_for(recipe, settings)(recipe=recipe, tracking_uri=tracking_uri)
+    return optimize_for(recipe, settings)(recipe=recipe, tracking_uri=tracking_uri, dispatch=dispatch)
 
 
 def optimize_for(recipe: Recipe, settings: Settings):
@@ -254,7 +147,7 @@ def optimize_for(recipe: Recipe, settings: Settings):
 
 
 @flow(name="byoai", log_prints=True, on_failure=[mark_failed_in_mlflow], on_crashed=[mark_failed_in_mlflow], on_cancellation=[mark_failed_in_mlflow])
-def byoai_deployment(recipe: Recipe, tracking_uri: str | None = None) -> RunSummary:
+def byoai_deployment(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str, str] | None = None) -> RunSummary:
     """Deployment entrypoint: `optimize` as a subflow, with the task runner the recipe asks for
     (a deployment loads its flow from source, so options set in the caller would not reach it)."""
-    return run_optimize(recipe, tracking_uri)
+    return run_optimize(recipe, tracking_uri, dispatch)

@@ -12,7 +12,7 @@ from byoai.log import step_logger
 from byoai.recipe import PromotionSpec
 from tasks.evaluate import Metrics, ppl_delta_pct
 from tasks.lm_eval_tasks import recovery
-from tasks.tracking import TAG, client
+from tasks.tracking import TAG, client, evaluation_run_id
 
 
 class Candidate(BaseModel):
@@ -137,7 +137,7 @@ def _current_champion(mlflow, name: str, target: str) -> Candidate | None:
         version = mlflow.get_model_version_by_alias(name, alias_for(target))
     except MlflowException:
         return None
-    metrics = mlflow.get_run(version.run_id).data.metrics
+    metrics = mlflow.get_run(evaluation_run_id(version)).data.metrics
     return Candidate(
         variant=version.tags.get(f"{TAG}variant", "?"),
         version=str(version.version),

@@ -204,7 +204,10 @@ def register_variant(
 ) -> VersionRef:
     """One model version per artifact x target, ever: a re-run finds it instead of adding one.
 
-    The model folder is uploaded once per artifact; versions for other targets point at it.
+    The model folder is uploaded once per artifact, into the child run of the first target that
+    registers it; the versions for other targets are registry copies of that version
+    (`models:/<name>/<version>`: an MLflow server accepts a source outside a version's own run
+    only in that form), and their own target's child run is tagged with them.
     """
     mlflow = client(parent.tracking_uri)
     _ensure_registered_model(mlflow, recipe_name)
@@ -216,20 +219,22 @@ def register_variant(
             mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
             return VersionRef(name=recipe_name, version=str(version.version), source=version.source, created=False)
     if same_artifact:
-        source = same_artifact[0].source
+        first = min(same_artifact, key=lambda v: int(v.version))
+        source, source_run = f"models:/{recipe_name}/{first.version}", None
     else:
         mlflow.log_artifacts(run_id, artifact.path, artifact_path="model")
-        source = f"{mlflow.get_run(run_id).info.artifact_uri}/model"
+        source, source_run = f"{mlflow.get_run(run_id).info.artifact_uri}/model", run_id
     version = mlflow.create_model_version(
         recipe_name,
         source=source,
-        run_id=run_id,
+        run_id=source_run,
         tags={
             f"{TAG}variant": variant.name,
             f"{TAG}technique": variant.technique,
             f"{TAG}target": target.name,
             f"{TAG}recipe_sha": recipe_sha,
             f"{TAG}artifact_sha": artifact.sha,
+            f"{TAG}run_id": run_id,  # the target's evaluation (a copy's run_id is the source's)
         },
         description=f"{variant.name} ({variant.technique}) evaluated on {target.name}",
     )
@@ -251,6 +256,11 @@ def finish_parent_run(parent: RunRef, results: list[dict[str, Any]], decisions: 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     return {k: [row.get(k) for row in rows] for k in keys}
+
+
+def evaluation_run_id(version) -> str | None:
+    """The child run holding a model version's metrics on its own target."""
+    return version.tags.get(f"{TAG}run_id") or version.run_id
 
 
 def mark_flow_run_failed(tracking_uri: str, flow_run_id: str, reason: str) -> None:

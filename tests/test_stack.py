@@ -128,6 +128,61 @@ def test_scheduled_deployment_runs_on_a_worker(write_recipe, on_stack):
     browse_uis(flow_run, name)
 
 
+def test_a_target_on_another_pool_is_measured_by_that_pools_worker(write_recipe, on_stack):
+    """`byoai deploy` gives the cpu-lab target's pool its own `byoai-target` deployment; the
+    optimize run dispatches that target there and promotes with what its worker measured."""
+    import subprocess
+    import sys
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    name = unique("dispatch")
+    path = write_recipe(name=name, targets="[cpu-x86, cpu-lab]", variants="[{name: rtn-w4-g32, technique: rtn, params: {group_size: 32}}]")
+    (path.parent / "targets").mkdir(exist_ok=True)
+    (path.parent / "targets" / "cpu-lab.yaml").write_text("name: cpu-lab\ndevice: cpu\nwork_pool: cpu-lab\ntechniques: [baseline, rtn]\n")
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    prefect_call(lambda c: c.create_work_pool(WorkPoolCreate(name="cpu-lab", type="process"), overwrite=True))
+    root = Path(__file__).resolve().parent.parent
+    log = (path.parent / "worker-cpu-lab.log").open("w")
+    worker = subprocess.Popen(  # the stack runs a worker for pool cpu only: this is the lab machine's
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu-lab", "--type", "process"],
+        cwd=root, env={**os.environ, "PREFECT_API_URL": PREFECT}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        _, flow_run = deploy_and_run(path)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert flow_run.state.name == "Completed", flow_run.state.message
+
+    main = prefect_call(lambda c: c.read_deployment_by_name(f"byoai/{name}"))
+    lab = prefect_call(lambda c: c.read_deployment_by_name(f"byoai-target/{name}-on-cpu-lab"))
+    assert (main.work_pool_name, lab.work_pool_name) == ("cpu", "cpu-lab")
+    assert main.parameters["dispatch"] == {"cpu-lab": f"byoai-target/{name}-on-cpu-lab"}
+    [dispatched] = prefect_call(lambda c: c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[lab.id]))))
+    assert dispatched.state.name == "Completed" and dispatched.work_pool_name == "cpu-lab"
+    on_lab = {r.name for r in task_runs(dispatched.id)}
+    here = {r.name for r in task_runs(flow_run.id)}
+    assert {"evaluate-reference@cpu-lab", "evaluate-rtn-w4-g32@cpu-lab"} <= on_lab
+    assert "evaluate-rtn-w4-g32@cpu-x86" in here and not any(n.endswith("@cpu-lab") for n in here)
+
+    # one MLflow parent run holds both targets' child runs; each target has its champion
+    client = mlflow()
+    [parent] = client.search_runs([client.get_experiment_by_name(name).experiment_id], f"tags.`prefect.flow_run_id` = '{optimize_run_id(flow_run.id)}'")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["byoai.target"] for r in children) == ["cpu-lab", "cpu-x86"]
+    by_target = {r.data.tags["byoai.target"]: r.info.run_id for r in children}
+    sources = []
+    for target in ("cpu-x86", "cpu-lab"):
+        champion = client.get_model_version_by_alias(name, f"champion-{target}")
+        assert champion.tags["byoai.variant"] == "rtn-w4-g32"
+        assert champion.tags["byoai.run_id"] == by_target[target]  # its own target's metrics
+        sources.append(champion.source)
+    # the same artifact is uploaded once; the other target's version is a registry copy of it
+    assert sorted(s.split(":")[0] for s in sources) == ["mlflow-artifacts", "models"]
+
+
 def browse_uis(flow_run, model_name: str) -> None:
     """Both UIs in Debian's Chromium, driven by Playwright: the run, its tasks, the champion alias."""
     from playwright.sync_api import sync_playwright

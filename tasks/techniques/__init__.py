@@ -75,6 +75,7 @@ _MODULES = (
     "baseline",
     "rtn",
     "gptq",
+    "awq",
     "distill",
     "magnitude",
     "wanda",

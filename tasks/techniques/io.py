@@ -101,7 +101,8 @@ def weight_sparsity(model) -> float:
     zeros = total = 0
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if name.endswith("lm_head") or weight is None or weight.dim() != 2 or isinstance(module, torch.nn.Embedding):
+        # not a tensor: GPTQModel's packed layers expose a metadata object as `weight`
+        if name.endswith("lm_head") or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or isinstance(module, torch.nn.Embedding):
             continue
         if hasattr(weight, "__tensor_flatten__") and hasattr(weight, "dequantize"):
             weight = weight.dequantize()  # a torchao tensor subclass (int8_cpu): count its float values
