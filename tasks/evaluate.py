@@ -166,7 +166,9 @@ def memory_profile(model, device: str) -> dict[str, float]:
     }
 
 
-@task(cache_policy=CACHED, persist_result=True)
+# log_prints off: dill (datasets' fingerprinting, under lm-eval) disassembles functions with
+# print() inside a stdout capture; the flow's log_prints would turn every line into a log record.
+@task(cache_policy=CACHED, persist_result=True, log_prints=False)
 def evaluate_artifact(
     artifact: Artifact,
     target: TargetProfile,

@@ -6,7 +6,9 @@ model version), so a re-run of the same search replays the same seeded proposals
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from typing import Any
 
 from byoai.recipe import PromotionSpec, RangeSpec, SearchSpec
@@ -26,16 +28,25 @@ class Search:
         self.spec, self.promotion = spec, promotion
         self.metric = spec.metric or _METRIC_OF_OBJECTIVE[promotion.objective]
         categorical = all(isinstance(choices, list) for choices in spec.space.values())
-        # A finite grid is walked without repeats; ranges get TPE. Both seeded: re-runs replay.
-        sampler = optuna.samplers.BruteForceSampler(seed=spec.seed) if categorical else optuna.samplers.TPESampler(seed=spec.seed)
-        self.study = optuna.create_study(direction="minimize", sampler=sampler)
-        self.grid_size = math.prod(len(c) for c in spec.space.values()) if categorical else None
+        # Seeded TPE (re-runs replay its proposals). A finite grid is enqueued whole, in a seeded
+        # order, and so walked without repeats: Optuna's BruteForceSampler and GridSampler call
+        # study.stop() once the grid is exhausted, which raises outside study.optimize() (this
+        # ask-and-tell loop).
+        self.study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=spec.seed))
+        self.grid_size, self.asked = None, 0
+        if categorical:
+            grid = [dict(zip(spec.space, combo, strict=True)) for combo in itertools.product(*spec.space.values())]
+            random.Random(spec.seed).shuffle(grid)
+            for params in grid:
+                self.study.enqueue_trial(params)
+            self.grid_size = len(grid)
         self.best: float | None = None
 
     def ask(self) -> tuple[Any, dict[str, Any]] | None:
         """The next trial and its parameters, or None when the grid is exhausted."""
-        if self.grid_size is not None and len(self.study.trials) >= self.grid_size:
+        if self.grid_size is not None and self.asked >= self.grid_size:
             return None
+        self.asked += 1
         trial = self.study.ask()
         params = {}
         for name, choices in self.spec.space.items():

@@ -267,6 +267,22 @@ def test_search_stops_when_the_goal_is_reached(write_recipe):
     assert [r.variant for r in summary.results] == ["s-t0"]  # any finished trial meets stop_at
 
 
+def test_search_walks_a_whole_grid_and_then_stops_asking():
+    from byoai.recipe import PromotionSpec, SearchSpec
+    from tasks.promote import Candidate
+    from tasks.search import Search
+
+    search = Search(SearchSpec(space={"group_size": [32, 64, 192]}, trials=5, metric="ppl"), PromotionSpec())
+    tried = []
+    while (proposal := search.ask()) is not None:
+        trial, params = proposal
+        tried.append(params["group_size"])
+        # telling the last point of the grid must not raise (Optuna's grid samplers stop the study)
+        search.tell(trial, Candidate(variant="v", version="1", ppl=10.0 + len(tried), ppl_delta_pct=1.0, size_mb=1.0, decode_tok_s=1.0))
+    assert sorted(tried) == [32, 64, 192]
+    assert search.best == 11.0
+
+
 def test_search_space_is_validated_at_the_door(write_recipe):
     from byoai.recipe import RecipeError
 
