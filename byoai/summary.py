@@ -20,6 +20,9 @@ class ResultRow(BaseModel):
     decode_tok_s: float | None = None
     # lm-eval task -> main metric of this variant (e.g. accuracy)
     task_scores: dict[str, float] = {}
+    # the performance profile (tasks.evaluate.Metrics.profile) and the device it was measured on
+    profile: dict[str, float] = {}
+    device: str = ""
     version: str | None = None
     run_id: str | None = None
     reason: str = ""

@@ -120,7 +120,7 @@ class Loop:
         tasks = self.recipe.evaluation.tasks
         return self.recipe.evaluation.latency, tasks, fingerprint(tasks) if tasks else None
 
-    def record(self, variant: VariantSpec, target: TargetProfile, built: list, future, tags: dict[str, str] | None = None) -> Candidate | None:
+    def record(self, variant: VariantSpec, target: TargetProfile, built: list, future, tags: dict[str, str] | None = None, note: str = "") -> Candidate | None:
         """Log the child run and register the version of one evaluated variant x target."""
         future.wait()
         if future.state.is_failed():
@@ -137,7 +137,7 @@ class Loop:
             ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
             load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
             task_scores={task: score["value"] for task, score in metrics.tasks.items()},
-            version=version.version, run_id=run_id,
+            profile=metrics.profile, device=metrics.device, version=version.version, run_id=run_id, reason=note,
         ))
         return candidate
 
@@ -163,7 +163,8 @@ class Loop:
                 break
             tags = {"byoai.search": variant.name, "byoai.trial": str(number)}
             evaluations = self.submit_evaluations(trial_variant, runnable, self.submit_chain(trial_variant, runnable))
-            candidates = [self.record(v, t, built, future, tags) for v, t, built, future in evaluations]
+            note = f"trial {number} of {variant.name}: " + ", ".join(f"{k}={v}" for k, v in params.items())
+            candidates = [self.record(v, t, built, future, tags, note) for v, t, built, future in evaluations]
             # scored on the first target the trial ran on
             if search.tell(trial, candidates[0] if candidates else None):
                 get_run_logger().info("search %s reached stop_at after %d trials", variant.name, number + 1)

@@ -53,6 +53,43 @@ def _html_table(rows: list[dict[str, Any]], columns) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _profile_order(key: str) -> tuple:
+    """ttft by prompt length, then decode speed and time per token by batch, then memory."""
+    family, _, size = key.partition(".")
+    families = ["ttft_ms", "decode_tok_s", "tpot_ms", "peak_mem_mb", "weights_mb", "bandwidth_gb_s", "decode_bound_tok_s", "decode_efficiency"]
+    return (families.index(family) if family in families else len(families), int(size[1:]) if size[1:].isdigit() else 0, key)
+
+
+_PROFILE_TITLES = {
+    "ttft_ms": "TTFT ms p{}", "decode_tok_s": "decode tok/s b{}", "tpot_ms": "TPOT ms b{}", "peak_mem_mb": "peak mem MB",
+    "weights_mb": "weights MB", "bandwidth_gb_s": "bandwidth GB/s", "decode_bound_tok_s": "decode bound tok/s",
+    "decode_efficiency": "of bound",
+}
+
+
+def profile_tables(results: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]], list]]:
+    """Per target: (target, device, rows, columns) of the performance profile; medians with their
+    [min-max] spread where the profile has one."""
+    tables = []
+    for target in dict.fromkeys(r["target"] for r in results if r.get("profile")):
+        rows = [r for r in results if r["target"] == target and r.get("profile")]
+        keys = sorted({k for r in rows for k in r["profile"] if not k.endswith((".min", ".max"))}, key=_profile_order)
+        columns = [("variant", "variant", None)]
+        for key in keys:
+            family, _, size = key.partition(".")
+            columns.append((key, _PROFILE_TITLES.get(family, key).format(size[1:]), None))
+        cells = []
+        for r in rows:
+            row = {"variant": r["variant"]}
+            for key in keys:
+                value, low, high = (r["profile"].get(k) for k in (key, f"{key}.min", f"{key}.max"))
+                spec = ".2f" if key == "decode_efficiency" else ".1f"
+                row[key] = "" if value is None else format(value, spec) + (f" [{low:{spec}}–{high:{spec}}]" if low is not None and high is not None else "")
+            cells.append(row)
+        tables.append((target, rows[0].get("device", ""), cells, columns))
+    return tables
+
+
 def champions_line(decisions: list[dict[str, Any]]) -> str:
     chosen = {d["target"]: d for d in decisions if d.get("champion")}
     targets = sorted({d["target"] for d in decisions})
@@ -64,9 +101,13 @@ def champions_line(decisions: list[dict[str, Any]]) -> str:
 
 def render_markdown(name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]], plots: list[str] = ()) -> str:
     images = "".join(f"\n![Pareto front]({p})\n" for p in plots)
+    profiles = "".join(
+        f"### {target}\n\n{device}\n\n{_markdown_table(rows, columns)}\n" for target, device, rows, columns in profile_tables(results)
+    )
     return (
         f"# byoai report: {name}\n\n## Variants x targets\n\n{_markdown_table(results, _RESULT_COLUMNS)}\n"
         f"## Selection\n\n{_markdown_table(decisions, _DECISION_COLUMNS)}\n{champions_line(decisions)}\n{images}"
+        + (f"\n## Performance profile (median [min–max])\n\n{profiles}" if profiles else "")
     )
 
 
@@ -76,7 +117,12 @@ def render_html(name: str, results: list[dict[str, Any]], decisions: list[dict[s
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>byoai report: {html.escape(name)}</title><style>{style}</style></head>"
         f"<body><h1>byoai report: {html.escape(name)}</h1><h2>Variants x targets</h2>{_html_table(results, _RESULT_COLUMNS)}"
-        f"<h2>Selection</h2>{_html_table(decisions, _DECISION_COLUMNS)}<p>{html.escape(champions_line(decisions))}</p>{images}</body></html>"
+        f"<h2>Selection</h2>{_html_table(decisions, _DECISION_COLUMNS)}<p>{html.escape(champions_line(decisions))}</p>{images}"
+        + "".join(
+            f"<h2>Performance profile: {html.escape(target)} (median [min–max])</h2><p>{html.escape(device)}</p>{_html_table(rows, columns)}"
+            for target, device, rows, columns in profile_tables(results)
+        )
+        + "</body></html>"
     )
 
 

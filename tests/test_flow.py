@@ -248,6 +248,8 @@ def test_search_runs_seeded_trials_as_child_runs(write_recipe, workdir):
     trials = [r for r in summary.results if r.variant.startswith("rtn-search-t")]
     assert [r.variant for r in trials] == ["rtn-search-t0", "rtn-search-t1", "rtn-search-t2", "rtn-search-t3"]
     assert all(r.status == "finished" for r in trials)
+    # the report's note says which parameters each trial tried
+    assert all(r.reason.startswith(f"trial {i} of rtn-search: group_size=") and "bits=" in r.reason for i, r in enumerate(trials))
     client = mlflow_client(workdir)
     runs = client.search_runs([summary.experiment_id], "tags.`byoai.search` = 'rtn-search'")
     assert len(runs) == 4 and {r.data.tags["byoai.trial"] for r in runs} == {"0", "1", "2", "3"}

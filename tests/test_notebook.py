@@ -39,6 +39,12 @@ def test_report_command_rebuilds_the_report_from_mlflow(write_recipe, workdir):
     assert result.exit_code == 0, result.output
     markdown = (workdir / "rep" / "report.md").read_text()
     assert "rtn-w4-g32" in markdown and "champion-cpu-x86: v" in markdown and "pareto-cpu-x86.png" in markdown
+    # the performance profile per target: TTFT per prompt length (the recipe's 8, 16, 32) and
+    # decode speed per batch size (1, 2) with their spread, memory and the bandwidth bound
+    profile = markdown.split("## Performance profile")[1]
+    for column in ("TTFT ms p8", "TTFT ms p16", "TTFT ms p32", "decode tok/s b1", "decode tok/s b2", "TPOT ms b2", "peak mem MB", "decode bound tok/s"):
+        assert column in profile
+    assert "–" in profile.split("rtn-w4-g32")[1].splitlines()[0]  # a [min–max] spread
     assert (workdir / "rep" / "pareto-cpu-x86.png").stat().st_size > 10_000
     assert "<table>" in (workdir / "rep" / "report.html").read_text()
     assert CliRunner().invoke(app, ["report", "0" * 32]).exit_code == 2
