@@ -111,11 +111,21 @@ start() {
 }
 
 stop() {
+  local pids=()
   for pidfile in "$stack"/*.pid; do
     [ -f "$pidfile" ] || continue
-    kill "$(cat "$pidfile")" 2>/dev/null || true
+    pids+=("$(cat "$pidfile")")
+    kill "${pids[-1]}" 2>/dev/null || true
     rm -f "$pidfile"
   done
+  # A worker busy cancelling its flow runs can outlive SIGTERM: give them 10 s, then SIGKILL.
+  for _ in $(seq 10); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 1
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   if [ -n "$pg_bin" ] && [ -f "$stack/pg/data/PG_VERSION" ]; then
     as_postgres "$pg_bin/pg_ctl -D '$stack/pg/data' -m fast stop" >/dev/null 2>&1 || true
   fi

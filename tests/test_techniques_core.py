@@ -29,3 +29,24 @@ def test_gptq_beats_rtn_on_smollm2(smol_bench):
     rtn = smol_bench.evaluate(smol_bench.build("rtn", {"bits": 4, "group_size": 64}))
     gptq = smol_bench.evaluate(smol_bench.build("gptq", {"bits": 4, "group_size": 64}))
     assert gptq.ppl <= rtn.ppl
+
+
+def test_concurrent_loads_in_threads_keep_weight_tying(tmp_path):
+    """The threads runner loads models in parallel; transformers' no_tie_weights() swaps a class
+    attribute while it builds a model, so overlapping loads could leave tying off for the whole
+    process (a tied model then loads with a random lm_head). model_loading() serializes loads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import PreTrainedModel
+
+    from tasks.techniques.io import load_model
+    from tests.tiny import make_tiny_model
+
+    tied = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    original = PreTrainedModel.tie_weights
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        models = list(pool.map(lambda _: load_model(tied)[0], range(16)))
+    assert PreTrainedModel.tie_weights is original
+    assert all(m.lm_head.weight is m.model.embed_tokens.weight for m in models)
+    fresh, _ = load_model(tied)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def make_tiny_model(folder: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, vocab: int = 512) -> Path:
+def make_tiny_model(
+    folder: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, vocab: int = 512, tie_word_embeddings: bool = False
+) -> Path:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -29,6 +31,7 @@ def make_tiny_model(folder: Path, hidden: int = 64, intermediate: int = 128, lay
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
+        tie_word_embeddings=tie_word_embeddings,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

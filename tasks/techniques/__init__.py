@@ -65,6 +65,21 @@ def one_build_per_process() -> threading.Lock:
     return _BUILD_LOCK
 
 
+_LOADING_LOCK = threading.RLock()
+
+
+def model_loading() -> threading.RLock:
+    """The lock every model load holds (from_pretrained, from_config, GPTQModel.load).
+
+    transformers builds a model inside `no_tie_weights()`, which swaps PreTrainedModel.tie_weights
+    (a class attribute) for a no-op and restores it on exit. Two loads overlapping in threads can
+    restore the no-op for good: every later tied model in the process then loads with a random
+    lm_head (seen with the threads runner: SmolLM2 at chance level). Loads are short; the work
+    between them still overlaps. (A function, like one_build_per_process, for pickling.)
+    """
+    return _LOADING_LOCK
+
+
 def probe_ids(calibration_ids):
     """A fixed small input for comparing a model before and after a save/reload round trip."""
     return calibration_ids[:2, :64]

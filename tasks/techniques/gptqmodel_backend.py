@@ -20,7 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tasks.techniques import BuildInputs, BuildResult, TechniqueError, probe_ids
+from tasks.techniques import BuildInputs, BuildResult, TechniqueError, model_loading, probe_ids
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -99,7 +99,8 @@ def build(inputs: BuildInputs, source: Path, tokenizer, quantize_config, *, dtyp
     import torch
     from gptqmodel import BACKEND, GPTQModel
 
-    quantizer = GPTQModel.load(str(source), quantize_config, device=inputs.device, dtype=dtype)
+    with model_loading():
+        quantizer = GPTQModel.load(str(source), quantize_config, device=inputs.device, dtype=dtype)
     # batch 1: the windows all have the same length, batching would only change peak memory
     quantizer.quantize(calibration_rows(inputs.calibration_ids), batch_size=1, backend=kernel or BACKEND.AUTO)
     quantizer.save(str(inputs.out_dir))
@@ -173,7 +174,8 @@ def reference_logits(folder: Path, ids, device: str) -> tuple[Any, str]:
     if device == "cpu" and quant["bits"] == 4:
         kernel = BACKEND.AWQ_TORCH_ATEN if quant["quant_method"] == "awq" else BACKEND.GPTQ_TORCH_ATEN
         try:
-            loaded = GPTQModel.load(str(folder), device="cpu", backend=kernel, dtype=torch.bfloat16)
+            with model_loading():
+                loaded = GPTQModel.load(str(folder), device="cpu", backend=kernel, dtype=torch.bfloat16)
         except (ValueError, NotImplementedError):  # no ATen kernel for it: transformers picks another
             pass
         else:
@@ -183,7 +185,8 @@ def reference_logits(folder: Path, ids, device: str) -> tuple[Any, str]:
 
     if device == "cuda":
         # Untested here (no GPU): GPTQModel's own pick of CUDA kernel, in float16, its precision.
-        loaded = GPTQModel.load(str(folder), device="cuda", dtype=torch.float16)
+        with model_loading():
+            loaded = GPTQModel.load(str(folder), device="cuda", dtype=torch.float16)
         result = logits(loaded.model, ids)
         del loaded
         return result, "gptqmodel loader (float16, its CUDA kernel)"
@@ -194,7 +197,8 @@ def reference_logits(folder: Path, ids, device: str) -> tuple[Any, str]:
     with tempfile.TemporaryDirectory(prefix="byoai-dequant-") as scratch:
         dense_dir = Path(scratch) / "dense"
         dequantize_model(folder, dense_dir, target_dtype=torch.float32)
-        dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, device_map=device).eval()
+        with model_loading():
+            dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, device_map=device).eval()
         result = logits(dense, ids)
         del dense
     return result, "gptqmodel dequantized to dense float32"

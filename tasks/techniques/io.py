@@ -33,8 +33,11 @@ def load_model(model_dir: Path, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.techniques import model_loading
+
     kwargs = {"dtype": torch.float32, **load_kwargs(Path(model_dir)), **kwargs}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    with model_loading():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -63,7 +66,10 @@ def load_stage_input(model_dir: Path):
     loaded, tokenizer = load_model(model_dir, quantization_config=CompressedTensorsConfig(dequantize=True))
     dense_config = AutoConfig.from_pretrained(model_dir)
     del dense_config.quantization_config
-    model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
+    from tasks.techniques import model_loading
+
+    with model_loading():
+        model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
     wanted = model.state_dict().keys()
     model.load_state_dict({k: v for k, v in loaded.state_dict().items() if k in wanted}, strict=True)
     return model.eval(), tokenizer
