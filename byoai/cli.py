@@ -85,11 +85,13 @@ def deploy(
     from flows.deploy import deploy_recipe
 
     try:
-        deployment_id = deploy_recipe(parsed, pool, cron, tracking_uri)
+        deployment_id, dispatch = deploy_recipe(parsed, pool, cron, tracking_uri)
     except Exception as exc:
         err.print(f"[bold red]deploy failed:[/] {type(exc).__name__}: {exc}", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"deployment byoai/{parsed.name} ({deployment_id}) on pool {pool or parsed.targets[0].work_pool}")
+    for target, deployment in dispatch.items():
+        console.print(f"  target {target} is measured by {deployment} on its own pool (start a worker there)")
     console.print(f"trigger it: prefect deployment run 'byoai/{parsed.name}'")
 
 

@@ -16,8 +16,11 @@ def target_deployment_name(recipe: Recipe, pool: str) -> str:
     return f"{recipe.name}-on-{pool}"
 
 
-def deploy_recipe(recipe: Recipe, work_pool: str | None = None, cron: str | None = None, tracking_uri: str | None = None) -> UUID:
-    """Create or update the deployment `byoai/<recipe name>`; return its id.
+def deploy_recipe(
+    recipe: Recipe, work_pool: str | None = None, cron: str | None = None, tracking_uri: str | None = None
+) -> tuple[UUID, dict[str, str]]:
+    """Create or update the deployment `byoai/<recipe name>`; return its id and its `dispatch`
+    (target -> the `byoai-target` deployment that measures it on its own pool).
 
     The pool defaults to the first target's; the schedule to the recipe's `schedule`. Each other
     pool named by a target gets the deployment `byoai-target/<recipe>-on-<pool>` (no schedule: the
@@ -36,12 +39,13 @@ def deploy_recipe(recipe: Recipe, work_pool: str | None = None, cron: str | None
         name = target_deployment_name(recipe, other)
         _deploy(byoai_target, "flows/target.py:byoai_target", name, other, None, {}, recipe, settings)
         dispatch.update({t.name: f"byoai-target/{name}" for t in recipe.targets if t.work_pool == other})
-    return _deploy(
+    deployment_id = _deploy(
         byoai_deployment, "flows/optimize.py:byoai_deployment", recipe.name, pool,
         cron or (recipe.schedule.cron if recipe.schedule else None),
         {"recipe": recipe.model_dump(mode="json"), "tracking_uri": uri, "dispatch": dispatch},
         recipe, settings,
     )
+    return deployment_id, dispatch
 
 
 def _deploy(flow, entrypoint: str, name: str, pool: str, cron: str | None, parameters: dict, recipe: Recipe, settings: Settings) -> UUID:
