@@ -39,6 +39,11 @@ class TargetOutcome(BaseModel):
         for target, candidates in other.candidates.items():
             self.candidates.setdefault(target, []).extend(candidates)
 
+    def unbuilt(self, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None) -> None:
+        """Record a variant x target that produced nothing: its MLflow child run and its row."""
+        log_unbuilt_run(parent, variant, target, status, reason, text)
+        self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status=status, reason=reason))
+
 
 def error_text(state) -> tuple[str, str]:
     """(one line, full traceback) of a failed Prefect state."""
@@ -70,8 +75,7 @@ class Loop:
     builds: dict[tuple, Any] = field(default_factory=dict)  # stage prefix -> future (shared prefixes)
 
     def skip_or_fail(self, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None) -> None:
-        log_unbuilt_run(self.parent, variant, target, status, reason, text)
-        self.outcome.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status=status, reason=reason))
+        self.outcome.unbuilt(self.parent, variant, target, status, reason, text)
 
     def runnable(self, variant: VariantSpec) -> list[TargetProfile]:
         """Targets this variant can run on; the others are recorded as skipped, with why."""

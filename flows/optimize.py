@@ -17,11 +17,11 @@ from byoai.capability import skip_reason
 from byoai.recipe import Recipe
 from byoai.runners import execution, task_runner
 from byoai.settings import Settings
-from byoai.summary import ResultRow, RunSummary
+from byoai.summary import RunSummary
 from flows.measure import TargetOutcome, measure_targets
 from tasks.promote import promote_champion
 from tasks.report import log_report, render_markdown
-from tasks.tracking import RunRef, finish_parent_run, log_unbuilt_run, start_parent_run
+from tasks.tracking import RunRef, finish_parent_run, start_parent_run
 
 
 class PipelineFailed(Exception):
@@ -69,8 +69,7 @@ def collect_dispatched(started: dict[str, tuple[list[str], Any]], recipe: Recipe
         get_run_logger().error(reason)
         for target in (t for t in recipe.targets if t.name in names):
             for variant in recipe.variants:
-                log_unbuilt_run(parent, variant, target, "failed", reason)
-                outcome.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status="failed", reason=reason))
+                outcome.unbuilt(parent, variant, target, "failed", reason)
 
 
 def mark_failed_in_mlflow(flow, flow_run, state) -> None:
