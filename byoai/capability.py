@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from byoai import devices
 from byoai.recipe import TargetProfile, VariantSpec
+from tasks.runtimes import RUNTIMES
 from tasks.techniques import TECHNIQUES
 
 
@@ -16,3 +17,9 @@ def skip_reason(variant: VariantSpec, target: TargetProfile) -> str | None:
             return f"technique {stage.technique} cannot run on {target.device} (it runs on {', '.join(sorted(technique.devices))})"
     reason = devices.unavailable_reason(target.device)
     return f"target {target.name} {reason}" if reason else None
+
+
+def runtime_skip_reason(target: TargetProfile, runtime: str) -> str | None:
+    """None when this worker can build and run the target's `runtime`; otherwise why not."""
+    reason = RUNTIMES[runtime].unavailable_reason(target.runtime_config(runtime), target.device)
+    return f"target {target.name}, runtime {runtime}: {reason}" if reason else None

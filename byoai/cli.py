@@ -52,13 +52,13 @@ def run(recipe: Path, tracking_uri: TrackingUri = None) -> None:
         err.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}", highlight=False)
         raise typer.Exit(1) from None
     table = Table(title=f"{summary.model_name}: variants x targets")
-    for column in ("variant", "target", "status", "ppl", "Δppl %", "size MB", "load s", "prefill ms", "decode tok/s", "gate", "version", "champion"):
-        table.add_column(column, justify="right" if column not in {"variant", "target", "status", "gate"} else "left")
-    gate = {(d["target"], d["variant"]): d for d in summary.decisions}
+    for column in ("variant", "target", "runtime", "status", "ppl", "Δppl %", "size MB", "load s", "prefill ms", "decode tok/s", "gate", "version", "champion"):
+        table.add_column(column, justify="right" if column not in {"variant", "target", "runtime", "status", "gate"} else "left")
+    gate = {(d["target"], d["version"]): d for d in summary.decisions}
     for r in summary.results:
-        d = gate.get((r.target, r.variant), {})
+        d = gate.get((r.target, r.version), {}) if r.version else {}
         table.add_row(
-            r.variant, r.target, r.status if r.status == "finished" else f"{r.status}: {r.reason}",
+            r.variant, r.target, r.runtime, r.status if r.status == "finished" else f"{r.status}: {r.reason}",
             *(_num(v, f) for v, f in ((r.ppl, ".3f"), (r.ppl_delta_pct, "+.2f"), (r.size_mb, ".1f"), (r.load_s, ".2f"), (r.prefill_ms, ".1f"), (r.decode_tok_s, ".1f"))),
             d.get("gate", ""), r.version or "", "★" if d.get("champion") else "",
         )
@@ -143,6 +143,48 @@ def techniques() -> None:
     for device in ("cpu", "cuda"):
         reason = devices.unavailable_reason(device)
         console.print(f"{device} on this worker: " + ("available" if reason is None else reason))
+    from byoai.capability import runtime_skip_reason
+    from tasks.runtimes import RUNTIMES
+
+    runtimes = Table(title="runtimes x targets (what each target ships in, and whether this worker can build it)")
+    for column in ("runtime", "formats", "target", "build", "on this worker"):
+        runtimes.add_column(column)
+    for name, runtime in RUNTIMES.items():
+        for target in (t for t in targets if name in t.runtimes):
+            flags = " ".join(target.runtimes[name].get("cmake_args", ())) or "installed with byoai"
+            runtimes.add_row(name, ", ".join(sorted(runtime.formats)), target.name, flags, runtime_skip_reason(target, name) or "yes")
+    console.print(runtimes)
+
+
+@app.command("build-runtimes")
+def build_runtimes(
+    targets: Annotated[list[str] | None, typer.Argument(help="target profiles (default: cpu-x86)")] = None,
+) -> None:
+    """Compile the runtimes the target profiles name for this worker (cached; infra/install.sh runs it)."""
+    from byoai.capability import runtime_skip_reason
+    from byoai.recipe import available_targets, load_target
+    from byoai.settings import Settings
+    from tasks.runtimes import RUNTIMES, RuntimeUnavailable
+
+    known = available_targets(None)
+    names = targets or ["cpu-x86"]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        err.print(f"[bold red]unknown target(s)[/] {unknown}; allowed: {', '.join(sorted(known))}", highlight=False)
+        raise typer.Exit(2)
+    cache = Settings().cache_dir.expanduser().resolve()
+    for target in (load_target(known[n]) for n in names):
+        for name in target.runtimes:
+            if (reason := runtime_skip_reason(target, name)) is not None:
+                console.print(f"{target.name} {name}: skipped, {reason}")
+                continue
+            console.print(f"{target.name} {name}: preparing (a compiled runtime takes minutes the first time, then it is cached) ...")
+            try:
+                build = RUNTIMES[name].build(target.runtime_config(name), cache)
+            except RuntimeUnavailable as exc:
+                err.print(f"[bold red]{target.name} {name} failed:[/] {exc}", highlight=False)
+                raise typer.Exit(1) from None
+            console.print(f"{target.name} {name}: {build.key} {build.path or ''} ({build.build_s:.0f} s to compile)".rstrip())
 
 
 @app.command()
@@ -161,7 +203,7 @@ def champions(name: str, tracking_uri: TrackingUri = None) -> None:
         err.print(f"[bold red]no registered model '{name}'[/] at {uri}", highlight=False)
         raise typer.Exit(2) from None
     table = Table(title=f"{name}: champions")
-    for column in ("alias", "version", "variant", "technique", "target", "ppl", "Δppl %", "size MB", "decode tok/s", "source"):
+    for column in ("alias", "version", "variant", "technique", "target", "runtime", "build", "format", "ppl", "Δppl %", "size MB", "decode tok/s", "source"):
         table.add_column(column)
     for alias, version in sorted(model.aliases.items()):
         mv = mlflow.get_model_version(name, version)
@@ -169,6 +211,8 @@ def champions(name: str, tracking_uri: TrackingUri = None) -> None:
         metrics = mlflow.get_run(run_id).data.metrics if run_id else {}
         table.add_row(
             alias, str(version), mv.tags.get(f"{TAG}variant", ""), mv.tags.get(f"{TAG}technique", ""), mv.tags.get(f"{TAG}target", ""),
+            mv.tags.get(f"{TAG}runtime", "transformers"), mv.tags.get(f"{TAG}runtime_build", ""),
+            mv.tags.get(f"{TAG}format", "hf") + (f" {mv.tags[f'{TAG}quant_type']}" if f"{TAG}quant_type" in mv.tags else ""),
             _num(metrics.get("ppl"), ".3f"), _num(metrics.get("ppl_delta_pct"), "+.2f"), _num(metrics.get("size_mb"), ".1f"),
             _num(metrics.get("decode_tok_s"), ".1f"), mv.source,
         )

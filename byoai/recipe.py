@@ -26,6 +26,7 @@ from pydantic import (
 
 from recipes import TARGETS_DIR
 from tasks.lm_eval_tasks import LmEvalSpec
+from tasks.runtimes import RUNTIMES
 from tasks.techniques import TECHNIQUES
 
 # MLflow registered-model and alias names accept these; variant and target names follow suit.
@@ -195,6 +196,10 @@ class TargetProfile(_Strict):
     techniques: tuple[str, ...]
     # The Prefect work pool whose workers have this hardware (see infra/, `byoai deploy`).
     work_pool: Name = "cpu"
+    # The runtimes variants ship in on this target, and how each is built for it, e.g.
+    # {transformers: {}, llama_cpp: {cmake_args: [-DGGML_NATIVE=ON]}}. Validated by each runtime's
+    # own config and stored with defaults filled in. transformers measures the gate's reference.
+    runtimes: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"transformers": {}})
 
     @field_validator("techniques")
     @classmethod
@@ -203,6 +208,26 @@ class TargetProfile(_Strict):
         if unknown:
             raise ValueError(f"unknown technique(s) {unknown}; allowed: {', '.join(sorted(TECHNIQUES))}")
         return value
+
+    @field_validator("runtimes")
+    @classmethod
+    def _typed_runtimes(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        typed = {}
+        for name, params in value.items():
+            if name not in RUNTIMES:
+                raise ValueError(f"unknown runtime '{name}'; allowed: {', '.join(RUNTIMES)}")
+            try:
+                config = RUNTIMES[name].config.model_validate(params or {})
+            except ValidationError as exc:
+                details = "; ".join(f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+                raise ValueError(f"invalid build for runtime '{name}': {details}") from None
+            typed[name] = config.model_dump(mode="json")
+        if "transformers" not in typed:
+            raise ValueError("list transformers: the gate's reference is the base model in transformers on this target")
+        return typed
+
+    def runtime_config(self, name: str) -> BaseModel:
+        return RUNTIMES[name].config.model_validate(self.runtimes[name])
 
 
 def available_targets(base_dir: Path | None) -> dict[str, Path]:
@@ -324,6 +349,10 @@ class VariantSpec(_Strict):
     def _at_least_one(cls, value: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
         if not value:
             raise ValueError("give at least one stage")
+        for i, stage in enumerate(value[:-1]):
+            output = TECHNIQUES[stage.technique].output_format
+            if output != "hf":
+                raise ValueError(f"[{i}]: {stage.technique} writes {output}, which no later stage can read: put it last")
         return value
 
     @property
@@ -340,6 +369,11 @@ class VariantSpec(_Strict):
             for i, stage in enumerate(self.stages)
             for key, value in {"technique": stage.technique, **stage.params}.items()
         }
+
+
+# The recipe's own GGUF file measured as it is (the `input` row): its baseline in llama.cpp,
+# reported beside every variant, never registered or promoted.
+INPUT_VARIANT = VariantSpec(name="input", stages=({"technique": "baseline"},))
 
 
 class GateSpec(_Strict):

@@ -12,6 +12,9 @@ class ResultRow(BaseModel):
     technique: str
     target: str
     status: Literal["finished", "failed", "skipped"]
+    # the runtime it was measured in (transformers, llama_cpp, ...) and which build of it
+    runtime: str = ""
+    runtime_build: str = ""
     ppl: float | None = None
     ppl_delta_pct: float | None = None
     size_mb: float | None = None
@@ -26,6 +29,17 @@ class ResultRow(BaseModel):
     version: str | None = None
     run_id: str | None = None
     reason: str = ""
+
+    @classmethod
+    def measured(cls, variant: str, technique: str, target: str, metrics, ppl_delta_pct: float, version: str | None, run_id: str, note: str = "") -> ResultRow:
+        """The row of a finished measurement (tasks.evaluate.Metrics)."""
+        return cls(
+            variant=variant, technique=technique, target=target, status="finished", runtime=metrics.runtime,
+            runtime_build=metrics.runtime_build, ppl=metrics.ppl, ppl_delta_pct=ppl_delta_pct, size_mb=metrics.size_mb,
+            load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
+            task_scores={task: score["value"] for task, score in metrics.tasks.items()},
+            profile=metrics.profile, device=metrics.device, version=version, run_id=run_id, reason=note,
+        )
 
 
 class RunSummary(BaseModel):

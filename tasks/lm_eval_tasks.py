@@ -184,12 +184,17 @@ def run_lm_eval(model, tokenizer, spec: LmEvalSpec, *, max_length: int | None = 
     {"metric", "value", "stderr" (None when lm-eval gives none), "n" (examples scored),
      "higher_is_better", "chance" (shipped multiple-choice tasks; else None), "metrics" (all)}.
     """
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    return score_lm(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, max_length=max_length), spec)
+
+
+def score_lm(lm, spec: LmEvalSpec) -> dict[str, dict]:
+    """Score an lm-eval LM (HFLM, LogitsLM, ...) on the spec's tasks; the same result form as run_lm_eval."""
+    from lm_eval import simple_evaluate
 
     manager = _task_manager(spec)
     loaded = _load_tasks(spec, manager)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, max_length=max_length)
     results = simple_evaluate(
         model=lm,
         tasks=loaded,
@@ -200,6 +205,62 @@ def run_lm_eval(model, tokenizer, spec: LmEvalSpec, *, max_length: int | None = 
         log_samples=False,
     )
     return _scores(results)
+
+
+def LogitsLM(logprobs, tokenizer, max_length: int = 2048):
+    """An lm-eval LM over any runtime that gives log-probabilities of a token sequence.
+
+    lm-eval's TemplateLM does the request handling; tokenization mirrors HFLM's (same tokenizer,
+    same special-token rules, same prefix token, same rolling windows), so a runtime's scores are
+    comparable with transformers' on the same task. `logprobs(ids) -> [len(ids), vocab]`.
+    """
+    import torch
+    from lm_eval import utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix
+
+    class _LogitsLM(TemplateLM):
+        def __init__(self):
+            super().__init__()
+            self.tokenizer = tokenizer
+            self.max_length = max_length
+
+        @property
+        def eot_token_id(self) -> int:
+            return tokenizer.eos_token_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+            special = _add_special_kwargs(add_special_tokens, None)
+            if add_special_tokens is None and has_bos_prefix(string, tokenizer.decode(self.prefix_token_id)):
+                special["add_special_tokens"] = False
+            return tokenizer.encode(string, **special)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+            out = []
+            for _, context, continuation in requests:
+                ids = (context + continuation)[-(self.max_length + 1):][:-1]
+                rows = logprobs(ids)[-len(continuation):]
+                targets = torch.tensor(continuation)
+                out.append((float(rows.gather(1, targets[:, None]).sum()), bool((rows.argmax(-1) == targets).all())))
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            scores = []
+            for (text,) in (request.args for request in requests):
+                windows = map(utils.make_disjoint_window, utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1,
+                ))
+                scores.append(sum(ll for ll, _ in self._loglikelihood_tokens([(None, c, t) for c, t in windows])))
+            return scores
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            raise LmEvalError("generation tasks are not measured in this runtime yet: use loglikelihood tasks (e.g. byoai_pydoc_cloze)")
+
+    return _LogitsLM()
 
 
 def _scores(results: dict) -> dict[str, dict]:
@@ -286,9 +347,9 @@ def evaluate_artifact_tasks(path: str | Path, target, spec: LmEvalSpec) -> dict[
     """run_lm_eval on an artifact folder reloaded the way the target loads it (tasks.evaluate)."""
     from transformers import AutoTokenizer
 
-    from tasks.evaluate import load_artifact
+    from tasks.runtimes.transformers import load_artifact
 
-    model, _ = load_artifact(str(path), target)
+    model, _ = load_artifact(str(path), target.device, target.dtype)
     return run_lm_eval(model, AutoTokenizer.from_pretrained(path), spec)
 
 

@@ -25,6 +25,9 @@ class ModelRef(BaseModel):
     path: str
     sha: str
     source: str
+    # The GGUF file the model was materialized from, when the recipe's model is one: runtimes that
+    # run GGUF measure it as it is (the `input` row).
+    gguf: str | None = None
 
 
 class ModelSourceError(Exception):
@@ -68,17 +71,55 @@ def materialize_gguf(gguf: Path, out: Path) -> None:
     model.load_state_dict(loaded.state_dict())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    restore_pretokenizer(gguf, out / "tokenizer.json")
+
+
+# llama.cpp's `tokenizer.ggml.pre` -> the tokenizers pre-tokenizer it stands for (byte-level BPE)
+_PRE_TOKENIZERS = {
+    "smollm": [{"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}],
+    "gpt-2": [{"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}],
+}
+
+
+def restore_pretokenizer(gguf: Path, tokenizer_json: Path) -> None:
+    """Make a byte-level BPE tokenizer read from a GGUF tokenize as the original model did.
+
+    transformers' GGUF tokenizer conversion drops the pre-tokenizer that the file names in
+    `tokenizer.ggml.pre` and adds SentencePiece-style byte fallback: digits then split
+    differently (SmolLM2 splits each digit), and llama.cpp's converter takes the folder for a
+    SentencePiece vocabulary, whose files llama.cpp then cannot tokenize text with.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+
+    def text(key: str) -> str | None:
+        field = fields.get(key)
+        return bytes(field.parts[field.data[0]]).decode() if field else None
+
+    if text("tokenizer.ggml.model") != "gpt2":
+        return
+    config = json.loads(tokenizer_json.read_text())
+    config["model"]["byte_fallback"] = False
+    config["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    if (pre := _PRE_TOKENIZERS.get(text("tokenizer.ggml.pre") or "")) is not None:
+        config["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": pre}
+    tokenizer_json.write_text(json.dumps(config, ensure_ascii=False))
+
+
+# Bumped when materializing changes what it writes, so older folders in the cache are not reused.
+_MATERIALIZED_FORMAT = 2
 
 
 def _materialized(gguf: Path, models_dir: Path, label: str) -> ModelRef:
     gguf_sha = file_sha256(gguf)
-    folder = models_dir / f"{gguf.stem.lower()}-{gguf_sha[:12]}"
+    folder = models_dir / f"{gguf.stem.lower()}-{gguf_sha[:12]}-m{_MATERIALIZED_FORMAT}"
     marker = folder / ".byoai-model.json"
     if not marker.is_file():
         with atomic_folder(folder) as tmp:
             materialize_gguf(gguf, tmp)
             (tmp / marker.name).write_text(json.dumps({"sha": folder_sha256(tmp), "gguf_sha256": gguf_sha}))
-    return ModelRef(path=str(folder), sha=json.loads(marker.read_text())["sha"], source=label)
+    return ModelRef(path=str(folder), sha=json.loads(marker.read_text())["sha"], source=label, gguf=str(gguf))
 
 
 def _download_hub(source: HubModel, models_dir: Path) -> ModelRef:

@@ -20,6 +20,7 @@ class Candidate(BaseModel):
 
     variant: str
     version: str
+    runtime: str = "transformers"
     ppl: float
     ppl_delta_pct: float
     size_mb: float
@@ -32,6 +33,7 @@ class Candidate(BaseModel):
         return cls(
             variant=variant,
             version=version,
+            runtime=metrics.runtime,
             ppl=metrics.ppl,
             ppl_delta_pct=ppl_delta_pct(metrics, reference),
             size_mb=metrics.size_mb,
@@ -116,6 +118,7 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
             why = f"passes the gate; {metric} {getattr(c, metric):.3f} worse than {best.variant}"
         rows.append({
             "variant": c.variant,
+            "runtime": c.runtime,
             "version": c.version,
             "ppl": round(c.ppl, 4),
             "ppl_delta_pct": round(c.ppl_delta_pct, 3),
@@ -141,6 +144,7 @@ def _current_champion(mlflow, name: str, target: str) -> Candidate | None:
     return Candidate(
         variant=version.tags.get(f"{TAG}variant", "?"),
         version=str(version.version),
+        runtime=version.tags.get(f"{TAG}runtime", "transformers"),
         ppl=metrics["ppl"],
         ppl_delta_pct=metrics["ppl_delta_pct"],
         size_mb=metrics["size_mb"],
@@ -160,7 +164,7 @@ def promote_champion(
         step_logger().info("%s: %s -> version %s", model_name, alias_for(target), winner)
     if champion is not None and all(r["version"] != champion.version for r in rows):
         rows.append({
-            "variant": champion.variant, "version": champion.version, "ppl": round(champion.ppl, 4),
+            "variant": champion.variant, "runtime": champion.runtime, "version": champion.version, "ppl": round(champion.ppl, 4),
             "ppl_delta_pct": round(champion.ppl_delta_pct, 3), "size_mb": round(champion.size_mb, 3),
             "decode_tok_s": round(champion.decode_tok_s, 3), "gate": "pass", "pareto": None,
             "champion": winner is None, "reason": "current champion (from an earlier run)",

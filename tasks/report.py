@@ -17,13 +17,13 @@ from prefect.cache_policies import NO_CACHE
 from tasks.tracking import RunRef, client
 
 _RESULT_COLUMNS = [
-    ("variant", "variant", None), ("target", "target", None), ("status", "status", None),
+    ("variant", "variant", None), ("target", "target", None), ("runtime", "runtime", None), ("status", "status", None),
     ("ppl", "ppl", ".3f"), ("ppl_delta_pct", "Δppl %", "+.2f"), ("size_mb", "size MB", ".1f"),
     ("load_s", "load s", ".2f"), ("prefill_ms", "prefill ms", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
     ("task_scores", "tasks", None), ("version", "version", None), ("reason", "note", None),
 ]
 _DECISION_COLUMNS = [
-    ("target", "target", None), ("variant", "variant", None), ("version", "version", None),
+    ("target", "target", None), ("variant", "variant", None), ("runtime", "runtime", None), ("version", "version", None),
     ("ppl_delta_pct", "Δppl %", "+.2f"), ("size_mb", "size MB", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
     ("min_task_recovery", "task recovery", ".3f"), ("gate", "gate", None), ("pareto", "Pareto", None),
     ("champion", "champion", None), ("reason", "why", None),
@@ -74,19 +74,20 @@ def profile_tables(results: list[dict[str, Any]]) -> list[tuple[str, str, list[d
     for target in dict.fromkeys(r["target"] for r in results if r.get("profile")):
         rows = [r for r in results if r["target"] == target and r.get("profile")]
         keys = sorted({k for r in rows for k in r["profile"] if not k.endswith((".min", ".max"))}, key=_profile_order)
-        columns = [("variant", "variant", None)]
+        columns = [("variant", "variant", None), ("runtime", "runtime", None)]
         for key in keys:
             family, _, size = key.partition(".")
             columns.append((key, _PROFILE_TITLES.get(family, key).format(size[1:]), None))
         cells = []
         for r in rows:
-            row = {"variant": r["variant"]}
+            row = {"variant": r["variant"], "runtime": r.get("runtime", "")}
             for key in keys:
                 value, low, high = (r["profile"].get(k) for k in (key, f"{key}.min", f"{key}.max"))
                 spec = ".2f" if key == "decode_efficiency" else ".1f"
                 row[key] = "" if value is None else format(value, spec) + (f" [{low:{spec}}–{high:{spec}}]" if low is not None and high is not None else "")
             cells.append(row)
-        tables.append((target, rows[0].get("device", ""), cells, columns))
+        devices = "; ".join(dict.fromkeys(r.get("device", "") for r in rows))
+        tables.append((target, devices, cells, columns))
     return tables
 
 
@@ -94,7 +95,7 @@ def champions_line(decisions: list[dict[str, Any]]) -> str:
     chosen = {d["target"]: d for d in decisions if d.get("champion")}
     targets = sorted({d["target"] for d in decisions})
     return "; ".join(
-        f"champion-{t}: v{chosen[t]['version']} ({chosen[t]['variant']}: {chosen[t]['reason']})" if t in chosen else f"champion-{t}: none"
+        f"champion-{t}: v{chosen[t]['version']} ({chosen[t]['variant']} in {chosen[t].get('runtime', 'transformers')}: {chosen[t]['reason']})" if t in chosen else f"champion-{t}: none"
         for t in targets
     ) or "no target ran"
 
@@ -126,8 +127,9 @@ def render_html(name: str, results: list[dict[str, Any]], decisions: list[dict[s
     )
 
 
-def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path) -> Path:
-    """Size vs perplexity increase for one target; the Pareto front joined, the champion starred."""
+def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path, results: list[dict[str, Any]] = ()) -> Path:
+    """Size vs perplexity increase for one target; the Pareto front joined, the champion starred,
+    the recipe's input file as it is (when it is a GGUF) as a grey cross."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +140,11 @@ def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path) -> Pat
     for row in rows:
         color = "tab:green" if row["gate"] == "pass" else "tab:red"
         ax.scatter(row["size_mb"], row["ppl_delta_pct"], s=40 + 4 * (row.get("decode_tok_s") or 0), c=color, alpha=0.7, edgecolors="k")
-        ax.annotate(("★ " if row.get("champion") else "") + row["variant"], (row["size_mb"], row["ppl_delta_pct"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        label = f"{row['variant']} [{row.get('runtime', 'transformers')}]"
+        ax.annotate(("★ " if row.get("champion") else "") + label, (row["size_mb"], row["ppl_delta_pct"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for row in (r for r in results if r["target"] == target and r["variant"] == "input" and r.get("size_mb") is not None):
+        ax.scatter(row["size_mb"], row["ppl_delta_pct"], marker="x", s=80, c="gray")
+        ax.annotate(f"input as shipped [{row.get('runtime', '')}]", (row["size_mb"], row["ppl_delta_pct"]), textcoords="offset points", xytext=(6, -10), fontsize=8, color="gray")
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["size_mb"])
     if front:
         ax.plot([r["size_mb"] for r in front], [r["ppl_delta_pct"] for r in front], "--", c="gray", label="Pareto front (ppl, size, speed)")
@@ -156,7 +162,7 @@ def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path) -> Pat
 def write_report(name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """report.md, report.html and pareto-<target>.png into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = [pareto_plot(decisions, t, out_dir / f"pareto-{t}.png").name for t in sorted({d["target"] for d in decisions})]
+    plots = [pareto_plot(decisions, t, out_dir / f"pareto-{t}.png", results).name for t in sorted({d["target"] for d in decisions})]
     (out_dir / "report.md").write_text(render_markdown(name, results, decisions, plots))
     (out_dir / "report.html").write_text(render_html(name, results, decisions, plots))
     return [out_dir / "report.md", out_dir / "report.html", *(out_dir / p for p in plots)]

@@ -15,10 +15,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from byoai.log import step_logger
-from byoai.recipe import Recipe, TargetProfile, VariantSpec
+from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from tasks.build import Artifact
 from tasks.evaluate import Metrics, ppl_delta_pct
 from tasks.lm_eval_tasks import mlflow_metrics, recovery
+from tasks.runtimes import RuntimeBuild
 
 TAG = "byoai."
 
@@ -97,15 +98,16 @@ def _log(mlflow, run_id: str, params: dict[str, Any] | None = None, metrics: dic
     )
 
 
-def _child(mlflow, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, extra_tags: dict[str, str]) -> str:
+def _child(mlflow, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, extra_tags: dict[str, str], runtime: str = "") -> str:
     run = mlflow.create_run(
         parent.experiment_id,
-        run_name=f"{variant.name}@{target.name}",
+        run_name=f"{variant.name}@{target.name}" + (f" [{runtime}]" if runtime else ""),
         tags={
             "mlflow.parentRunId": parent.run_id,
             f"{TAG}variant": variant.name,
             f"{TAG}technique": variant.technique,
             f"{TAG}target": target.name,
+            f"{TAG}runtime": runtime,
             f"{TAG}status": status,
             **extra_tags,
         },
@@ -119,6 +121,30 @@ def _child(mlflow, parent: RunRef, variant: VariantSpec, target: TargetProfile, 
     return run.info.run_id
 
 
+def _runtime_params(build: RuntimeBuild) -> dict[str, Any]:
+    """How the runtime that measured a run was built (flags, compiler, what the CPU build uses)."""
+    return {
+        "runtime": build.runtime, "runtime.build": build.key, "runtime.version": build.version,
+        "runtime.flags": " ".join(build.flags), "runtime.compiler": build.compiler,
+        "runtime.build_s": build.build_s, "runtime.system_info": build.system_info,
+    }
+
+
+def _metrics(metrics: Metrics, reference: Metrics) -> dict[str, float]:
+    return {
+        "ppl": metrics.ppl,
+        "ppl_delta_pct": ppl_delta_pct(metrics, reference),
+        "size_mb": metrics.size_mb,
+        "load_s": metrics.load_s,
+        "prefill_ms": metrics.prefill_ms,
+        "decode_tok_s": metrics.decode_tok_s,
+        "ppl_tokens": metrics.ppl_tokens,
+        **metrics.profile,
+        **mlflow_metrics(metrics.tasks),
+        **{f"recovery.{task}": value for task, value in recovery(metrics.tasks, reference.tasks).items()},
+    }
+
+
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_variant_run(
     parent: RunRef,
@@ -127,9 +153,11 @@ def log_variant_run(
     stages: list[Artifact],
     metrics: Metrics,
     reference: Metrics,
+    build: RuntimeBuild,
     extra_tags: dict[str, str] | None = None,
 ) -> str:
-    """A finished child run with each stage's facts and the metrics of the reloaded final artifact."""
+    """A finished child run with each stage's facts, the runtime build, and the metrics of the
+    final artifact measured in that runtime."""
     artifact = stages[-1]
     facts = (
         {f"fact.{k}": v for k, v in artifact.facts.items()}
@@ -139,27 +167,30 @@ def log_variant_run(
     mlflow = client(parent.tracking_uri)
     run_id = _child(mlflow, parent, variant, target, "finished", {
         f"{TAG}artifact_sha": artifact.sha,
-        f"{TAG}device": metrics.device,
+        f"{TAG}device": metrics.device[:5000],
+        f"{TAG}format": artifact.format,
+        f"{TAG}runtime_build": build.key,
         **(extra_tags or {}),
-    })
+    }, build.runtime)
     _log(
         mlflow,
         run_id,
-        params={"build_device": artifact.build_device, **facts},
-        metrics={
-            "ppl": metrics.ppl,
-            "ppl_delta_pct": ppl_delta_pct(metrics, reference),
-            "size_mb": metrics.size_mb,
-            "load_s": metrics.load_s,
-            "prefill_ms": metrics.prefill_ms,
-            "decode_tok_s": metrics.decode_tok_s,
-            "build_s": sum(stage.build_s for stage in stages),
-            "ppl_tokens": metrics.ppl_tokens,
-            **metrics.profile,
-            **mlflow_metrics(metrics.tasks),
-            **{f"recovery.{task}": value for task, value in recovery(metrics.tasks, reference.tasks).items()},
-        },
+        params={"build_device": artifact.build_device, "format": artifact.format, **facts, **_runtime_params(build)},
+        metrics={**_metrics(metrics, reference), "build_s": sum(stage.build_s for stage in stages)},
     )
+    mlflow.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def log_input_run(parent: RunRef, target: TargetProfile, artifact: Artifact, metrics: Metrics, reference: Metrics, build: RuntimeBuild) -> str:
+    """The recipe's own GGUF file measured as it is (the report's `input` row; never registered)."""
+    mlflow = client(parent.tracking_uri)
+    run_id = _child(mlflow, parent, INPUT_VARIANT, target, "finished", {
+        f"{TAG}artifact_sha": artifact.sha, f"{TAG}format": artifact.format, f"{TAG}input": "true",
+        f"{TAG}runtime_build": build.key, f"{TAG}device": metrics.device[:5000],
+    }, build.runtime)
+    _log(mlflow, run_id, params={**{f"fact.{k}": v for k, v in artifact.facts.items()}, **_runtime_params(build)}, metrics=_metrics(metrics, reference))
     mlflow.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -172,10 +203,11 @@ def log_unbuilt_run(
     status: Literal["failed", "skipped"],
     reason: str,
     error_text: str | None = None,
+    runtime: str = "",
 ) -> str:
     """A child run for a variant x target that produced nothing: FAILED with the error, or skipped."""
     mlflow = client(parent.tracking_uri)
-    run_id = _child(mlflow, parent, variant, target, status, {f"{TAG}reason": reason[:5000]})
+    run_id = _child(mlflow, parent, variant, target, status, {f"{TAG}reason": reason[:5000]}, runtime)
     if error_text:
         mlflow.log_text(run_id, error_text, "error.txt")
     mlflow.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
@@ -201,8 +233,9 @@ def register_variant(
     target: TargetProfile,
     artifact: Artifact,
     run_id: str,
+    build: RuntimeBuild,
 ) -> VersionRef:
-    """One model version per artifact x target, ever: a re-run finds it instead of adding one.
+    """One model version per artifact x target x runtime build, ever: a re-run finds it instead of adding one.
 
     The model folder is uploaded once per artifact, into the child run of the first target that
     registers it; the versions for other targets are registry copies of that version
@@ -215,7 +248,7 @@ def register_variant(
         f"name='{recipe_name}' and tags.`{TAG}artifact_sha`='{artifact.sha}'"
     )
     for version in same_artifact:
-        if version.tags.get(f"{TAG}target") == target.name:
+        if version.tags.get(f"{TAG}target") == target.name and version.tags.get(f"{TAG}runtime_build") == build.key:
             mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
             return VersionRef(name=recipe_name, version=str(version.version), source=version.source, created=False)
     if same_artifact:
@@ -235,8 +268,12 @@ def register_variant(
             f"{TAG}recipe_sha": recipe_sha,
             f"{TAG}artifact_sha": artifact.sha,
             f"{TAG}run_id": run_id,  # the target's evaluation (a copy's run_id is the source's)
+            f"{TAG}runtime": build.runtime,
+            f"{TAG}runtime_build": build.key,
+            f"{TAG}format": artifact.format,
+            **({f"{TAG}quant_type": str(artifact.facts["quant_type"])} if "quant_type" in artifact.facts else {}),
         },
-        description=f"{variant.name} ({variant.technique}) evaluated on {target.name}",
+        description=f"{variant.name} ({variant.technique}, {artifact.format}) evaluated on {target.name} in {build.runtime} ({build.key})",
     )
     mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
     step_logger().info("registered %s version %s (%s@%s)", recipe_name, version.version, variant.name, target.name)

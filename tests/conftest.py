@@ -78,6 +78,27 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def gguf_tiny_model(tmp_path_factory, smollm2) -> Path:
+    """A 2-layer Llama (hidden 256: K-quants apply) with SmolLM2's tokenizer, which llama.cpp's
+    converter knows (it refuses BPE tokenizers it has no hash for, like tiny_model's)."""
+    return make_tiny_model(tmp_path_factory.mktemp("gguf-tiny") / "model", hidden=256, intermediate=512, tokenizer_dir=Path(smollm2.path))
+
+
+@pytest.fixture(scope="session")
+def gguf_tiny_ref(gguf_tiny_model):
+    from byoai.files import folder_sha256
+    from tasks.model import ModelRef
+
+    return ModelRef(path=str(gguf_tiny_model), sha=folder_sha256(gguf_tiny_model), source="test:gguf-tiny")
+
+
+@pytest.fixture(scope="session")
+def gguf_bench(gguf_tiny_ref, tmp_path_factory):
+    """The GGUF-convertible tiny model with 8 x 64 calibration tokens and 512 evaluation tokens."""
+    return Bench(gguf_tiny_ref, tmp_path_factory.mktemp("gguf-bench"), n_samples=8, seq_len=64, eval_tokens=512, eval_seq_len=128)
+
+
+@pytest.fixture(scope="session")
 def tiny_ref(tiny_model):
     from byoai.files import folder_sha256
     from tasks.model import ModelRef
@@ -110,13 +131,18 @@ class Bench:
         config = TECHNIQUES[technique].config.model_validate(params or {}).model_dump(mode="json")
         return build_variant.fn(technique, config, model or self.model, self.model, self.calibration, "cpu", str(self.folder / "variants"))
 
-    def evaluate(self, artifact, device: str = "cpu"):
-        """Metrics of the artifact reloaded from disk (perplexity, size, latency)."""
+    def evaluate(self, artifact, device: str = "cpu", runtime: str = "transformers", lm_eval=None):
+        """Metrics of the artifact loaded from disk in `runtime` (perplexity, size, latency);
+        llama_cpp uses this worker's native build (compiled by infra/install.sh)."""
         from byoai.recipe import LatencySpec, TargetProfile
-        from tasks.evaluate import evaluate_artifact
+        from byoai.settings import Settings
+        from tasks.evaluate import evaluate_in_runtime
+        from tasks.runtime_build import build_runtime
 
-        target = TargetProfile(name=f"test-{device}", device=device, techniques=(artifact.technique,))
-        return evaluate_artifact.fn(artifact, target, self.tokens, LatencySpec(prompt_tokens=16, new_tokens=4, warmup=0, repeats=1))
+        target = TargetProfile(name=f"test-{device}", device=device, techniques=(artifact.technique,), runtimes={"transformers": {}, runtime: {}})
+        build = build_runtime.fn(runtime, target.runtimes[runtime], str(Settings().cache_dir))
+        latency = LatencySpec(prompt_tokens=16, new_tokens=4, warmup=0, repeats=1, batch_sizes=(1, 2))
+        return evaluate_in_runtime.fn(artifact, target, runtime, build, self.tokens, latency, lm_eval)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ def test_sha_ignores_formatting_but_not_content(write_recipe):
         ("variants", "[{name: x, technique: rtn, params: {group: 64}}]", "params.group: Extra inputs are not permitted"),
         ("variants", "[{name: a, technique: rtn}, {name: a, technique: gptq}]", "duplicate name(s) ['a']"),
         ("variants", "[]", "variants: give at least one"),
-        ("targets", "[tpu-v9]", "unknown target 'tpu-v9'; allowed: cpu-x86, cuda-h100"),
+        ("targets", "[tpu-v9]", "unknown target 'tpu-v9'; allowed: cpu-x86, cpu-x86-avx2, cuda-h100"),
         ("model", "{kind: local, path: ./no-such-model}", "no-such-model is not a model folder (no config.json)"),
         ("model", "{kind: hub, id: not a repo}", "model.id"),
         ("calibration", "{source: {kind: file, path: missing.txt}}", "calibration.source.path: text file"),

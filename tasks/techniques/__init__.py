@@ -40,6 +40,9 @@ class BuildResult:
     # Keyword arguments for from_pretrained that the saved folder needs (e.g. a quantization config
     # applied at load time); written to byoai_load.json beside the weights.
     load_kwargs: dict[str, Any] | None = None
+    # What the folder holds: "hf" (a save_pretrained folder) or "gguf" (model.gguf + tokenizer);
+    # it decides which runtimes can run it (tasks.runtimes).
+    format: str = "hf"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Technique:
     # Devices the technique can build on and whose output runs there.
     devices: frozenset[str]
     needs_calibration: bool
+    # The format of its output; a stage whose output is not "hf" ends a chain.
+    output_format: str = "hf"
 
 
 _BUILD_LOCK = threading.Lock()
@@ -99,6 +104,7 @@ _MODULES = (
     "drop_layers",
     "bnb",
     "int8_cpu",
+    "gguf",
 )
 
 TECHNIQUES: dict[str, Technique] = {

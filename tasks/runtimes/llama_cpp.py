@@ -1,0 +1,431 @@
+"""Runtime `llama_cpp`: GGUF files run by llama.cpp, compiled for the target from PyPI's sdist.
+
+The recompile: a target profile gives the CMake flags (`runtimes: {llama_cpp: {cmake_args:
+[-DGGML_NATIVE=ON]}}`); `build` compiles llama-cpp-python from its sdist with them, once per
+(version, flags, compiler, and the CPU's features when the build is native), into
+BYOAI_CACHE_DIR/runtimes/, never a prebuilt binary. The same build also compiles llama.cpp's own
+`llama-quantize`, `llama-imatrix` and `llama-bench` from the vendored source (the `gguf` stage
+uses them). A native build records the CPU it was compiled for and is never run on another.
+
+Measurements run in a worker process with that build first on sys.path (tasks.runtimes.worker),
+through llama.cpp's C API: the same token ids as every runtime, batched decode of several
+sequences for batch > 1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from byoai.files import atomic_folder, json_sha256
+from tasks.runtimes.base import MeasureRequest, Runtime, RuntimeBuild, RuntimeUnavailable
+
+PACKAGE = "llama-cpp-python"
+DEFAULT_VERSION = "0.3.36"
+GGUF_FILE = "model.gguf"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench")
+_MARKER = ".byoai-runtime.json"
+# Always added: the tools the gguf stage needs, nothing that downloads (the server's web UI) or
+# that byoai does not use (llava, examples, tests).
+_FIXED_ARGS = (
+    "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
+)
+# CMake ISA switch -> the /proc/cpuinfo flag a CPU needs to run what it compiles
+_ISA_FLAGS = {
+    "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
+    "GGML_AVX_VNNI": "avx_vnni", "GGML_AVX512": "avx512f", "GGML_AVX512_VBMI": "avx512vbmi",
+    "GGML_AVX512_VNNI": "avx512_vnni", "GGML_AVX512_BF16": "avx512_bf16",
+    "GGML_AMX_TILE": "amx_tile", "GGML_AMX_INT8": "amx_int8", "GGML_AMX_BF16": "amx_bf16",
+}
+
+
+class LlamaCppConfig(BaseModel):
+    """How a target builds llama.cpp: the llama-cpp-python version and CMake flags."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(default=DEFAULT_VERSION, pattern=r"^\d+\.\d+\.\d+$")
+    # e.g. [-DGGML_NATIVE=ON] (this CPU), [-DGGML_NATIVE=OFF, -DGGML_AVX2=ON, ...] (a portable
+    # build), [-DGGML_CUDA=ON, -DCMAKE_CUDA_ARCHITECTURES=90] (H100)
+    cmake_args: tuple[str, ...] = ("-DGGML_NATIVE=ON",)
+
+    def switch(self, name: str) -> bool | None:
+        """The value a -D<name>=ON/OFF flag sets, or None when the flags leave it to CMake."""
+        value = None
+        for arg in self.cmake_args:
+            key, _, setting = arg.removeprefix("-D").partition("=")
+            if key.split(":")[0] == name:
+                value = setting.upper() in {"ON", "1", "TRUE", "YES"}
+        return value
+
+    @property
+    def native(self) -> bool:
+        # GGML_NATIVE is on unless switched off (llama.cpp's default outside cross-compiles)
+        return self.switch("GGML_NATIVE") is not False
+
+
+# ---------------------------------------------------------------- the host
+@cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            line = next(line for line in handle if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return frozenset()
+    return frozenset(line.split(":", 1)[1].split())
+
+
+@cache
+def compiler() -> str:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            out = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+            return out.splitlines()[0] if out else cc
+    return ""
+
+
+def host_key(config: LlamaCppConfig) -> str:
+    """What else a build depends on: the compiler, and the CPU's features for a native build."""
+    return json_sha256({"compiler": compiler(), "cpu": sorted(cpu_flags()) if config.native else None})
+
+
+def _has_cuda_gpu() -> bool:
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def unavailable_reason(config: LlamaCppConfig, device: str) -> str | None:
+    """Why this worker cannot build or run the profile's llama.cpp, or None."""
+    missing = [tool for tool in ("cmake", "ninja") if not shutil.which(tool)]
+    if not compiler():
+        missing.append("a C/C++ compiler")
+    if missing:
+        return f"compiling llama.cpp needs {', '.join(missing)} on this worker (infra/install.sh lists them)"
+    if config.switch("GGML_CUDA"):
+        if not _has_cuda_gpu():
+            return "its llama.cpp build asks for CUDA (-DGGML_CUDA=ON), and this worker has no NVIDIA GPU (nvidia-smi finds none)"
+        if not (shutil.which("nvcc") or os.environ.get("CUDACXX")):
+            return "its llama.cpp build asks for CUDA (-DGGML_CUDA=ON), and this worker has no CUDA compiler (nvcc; use the CUDA devel image, infra/worker.Dockerfile)"
+    flags = cpu_flags()
+    for switch, flag in _ISA_FLAGS.items():
+        if config.switch(switch) and flags and flag not in flags:
+            return f"its llama.cpp build asks for {switch.removeprefix('GGML_')} (-D{switch}=ON), and this CPU lacks it (no '{flag}' in /proc/cpuinfo)"
+    if device == "cuda" and not config.switch("GGML_CUDA"):
+        return "a cuda target needs a CUDA build of llama.cpp: add -DGGML_CUDA=ON to its cmake_args"
+    return None
+
+
+# ---------------------------------------------------------------- the build
+def _pip(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args]
+
+
+@contextmanager
+def _locked(path: Path):
+    """One process builds a given folder at a time; the others wait and then find it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def source(version: str, cache_dir: Path) -> Path:
+    """The unpacked sdist of llama-cpp-python `version` (downloaded once from the package index)."""
+    folder = cache_dir / "sources" / f"{PACKAGE}-{version}"
+    if (folder / "vendor" / "llama.cpp").is_dir():
+        return folder
+    with _locked(folder):
+        if (folder / "vendor" / "llama.cpp").is_dir():
+            return folder
+        with atomic_folder(cache_dir / "sources" / f"sdist-{version}") as download:
+            result = subprocess.run(
+                _pip("download", "--no-deps", "--no-binary", ":all:", f"{PACKAGE}=={version}", "-d", str(download)),
+                capture_output=True, text=True,
+            )
+            if result.returncode != 0:
+                raise RuntimeUnavailable(f"cannot get the {PACKAGE} {version} sdist: {result.stderr.strip()[-800:]}")
+            archive = next(download.glob("*.tar.gz"))
+            with atomic_folder(folder) as tmp, tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+                (inner,) = list(tmp.iterdir())
+                for item in inner.iterdir():
+                    item.rename(tmp / item.name)
+                inner.rmdir()
+    return folder
+
+
+def build_dir(config: LlamaCppConfig, cache_dir: Path) -> Path:
+    key = json_sha256({"version": config.version, "cmake_args": config.cmake_args, "host": host_key(config)})
+    return cache_dir / "runtimes" / f"llama_cpp-{config.version}-{key[:16]}"
+
+
+def build(config: LlamaCppConfig, cache_dir: Path) -> RuntimeBuild:
+    """Compile llama-cpp-python (and llama.cpp's tools) from the sdist with the profile's flags.
+
+    Kept under cache_dir: wheel/ (the wheel built), site/ (it, installed), bin/ (the tools and
+    the shared libraries they load). Later calls with the same key return the recorded build.
+    """
+    folder = build_dir(config, cache_dir)
+    marker = folder / _MARKER
+    if marker.is_file():
+        return RuntimeBuild.model_validate_json(marker.read_text())
+    reason = unavailable_reason(config, "cuda" if config.switch("GGML_CUDA") else "cpu")
+    if reason:
+        raise RuntimeUnavailable(reason)
+    src = source(config.version, cache_dir)
+    with _locked(folder):
+        if marker.is_file():
+            return RuntimeBuild.model_validate_json(marker.read_text())
+        with atomic_folder(folder) as tmp:
+            flags = (*config.cmake_args, *_FIXED_ARGS)
+            env = os.environ | {"CMAKE_ARGS": " ".join(flags), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
+            env.pop("SOURCE_DATE_EPOCH", None)  # it switches GGML_NATIVE off
+            started = time.perf_counter()
+            log = tmp / "build.log"
+            with open(log, "w") as out:
+                result = subprocess.run(
+                    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "wheel"),
+                         f"--config-settings=build-dir={tmp / 'cmake'}", str(src)),
+                    stdout=out, stderr=subprocess.STDOUT, env=env,
+                )
+            if result.returncode != 0:
+                tail = log.read_text()[-3000:]
+                raise RuntimeUnavailable(f"compiling {PACKAGE} {config.version} with {' '.join(flags)} failed:\n{tail}")
+            build_s = time.perf_counter() - started
+            wheel = next((tmp / "wheel").glob("*.whl"))
+            subprocess.run(_pip("install", "--no-deps", "--target", str(tmp / "site"), str(wheel)), check=True, capture_output=True)
+            (tmp / "bin").mkdir()
+            for item in (tmp / "cmake" / "bin").iterdir():
+                if item.name in TOOLS or ".so" in item.name:
+                    shutil.copy2(item, tmp / "bin" / item.name, follow_symlinks=False)
+            shutil.rmtree(tmp / "cmake")
+            info = subprocess.run(
+                [sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
+                capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(tmp / "site")}, check=True,
+            ).stdout.strip()
+            record = RuntimeBuild(
+                runtime="llama_cpp", key=folder.name, path=str(folder), version=config.version, flags=flags,
+                compiler=compiler(), system_info=info, build_s=round(build_s, 1),
+                native_cpu=json_sha256(sorted(cpu_flags()))[:16] if config.native else None,
+            )
+            (tmp / _MARKER).write_text(record.model_dump_json(indent=2))
+    return record
+
+
+def host_build(cache_dir: Path) -> RuntimeBuild:
+    """This worker's native build: its tools write GGUF files (the files run on any build)."""
+    return build(LlamaCppConfig(), cache_dir)
+
+
+def check_runs_here(build: RuntimeBuild) -> None:
+    """A native build runs only on a CPU with the features it was compiled for."""
+    if build.native_cpu and build.native_cpu != json_sha256(sorted(cpu_flags()))[:16]:
+        raise RuntimeUnavailable(
+            f"llama.cpp build {build.key} was compiled natively for another CPU (features {build.native_cpu}); "
+            "it would die with 'Illegal instruction' here: let this worker compile its own"
+        )
+
+
+def tool(build: RuntimeBuild, name: str, *args: str, timeout: float | None = None) -> str:
+    """Run one of llama.cpp's tools from the build; return its output, raise with it on failure."""
+    check_runs_here(build)
+    bin_dir = Path(build.path) / "bin"
+    result = subprocess.run(
+        [str(bin_dir / name), *args], capture_output=True, text=True, timeout=timeout,
+        env=os.environ | {"LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(bin_dir), os.environ.get("LD_LIBRARY_PATH")]))},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} {' '.join(args)} failed ({result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
+    return result.stdout + result.stderr
+
+
+def python_env(build: RuntimeBuild) -> dict[str, str]:
+    """Environment for a worker process that imports this build's llama_cpp."""
+    paths = [str(Path(build.path) / "site"), os.environ.get("PYTHONPATH", "")]
+    return os.environ | {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def llama_cpp_commit(src: Path) -> str:
+    """The vendored llama.cpp's commit: the newest one the sdist's changelog says it moved to."""
+    changelog = src / "CHANGELOG.md"
+    match = re.search(r"llama\.cpp@([0-9a-f]{7,40})", changelog.read_text()) if changelog.is_file() else None
+    return match.group(1) if match else "unknown"
+
+
+# ---------------------------------------------------------------- the session
+class LlamaCppSession:
+    """A GGUF loaded through llama.cpp's C API (llama-cpp-python's bindings), one process."""
+
+    def __init__(self, request: MeasureRequest):
+        import llama_cpp
+
+        from byoai import devices
+
+        check_runs_here(request.build)
+        self.lib = llama_cpp
+        self.device = request.device
+        self.threads = request.threads or os.cpu_count() or 1
+        latency = request.latency
+        # one context sized for the whole latency profile: every batch size's sequences side by side
+        self.latency_ctx = max(
+            max([latency["prompt_tokens"], *latency["prompt_lengths"]]),
+            max([1, *latency["batch_sizes"]]) * (latency["prompt_tokens"] + latency["new_tokens"]),
+        ) + 8
+        self.latency_seqs = max([1, *latency["batch_sizes"]])
+        self.tokenizer_path = request.artifact_path
+        llama_cpp.llama_backend_init()
+        started = time.perf_counter()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 999 if self.device == "cuda" else 0
+        self.model = llama_cpp.llama_model_load_from_file(str(Path(request.artifact_path) / GGUF_FILE).encode(), params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {Path(request.artifact_path) / GGUF_FILE}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.ctx = self.batch = None
+        self.shape = (0, 0)
+        self._context(self.latency_ctx, self.latency_seqs)
+        self.load_s = time.perf_counter() - started
+        info = llama_cpp.llama_print_system_info().decode()
+        self.description = f"{devices.describe(self.device)}; llama.cpp {request.build.version} ({request.build.key}): {info}"
+
+    def _context(self, n_ctx: int, n_seqs: int) -> None:
+        """A context holding n_ctx tokens over n_seqs sequences (kept while it is big enough)."""
+        lib = self.lib
+        if self.ctx is not None and self.shape[0] >= n_ctx and self.shape[1] >= n_seqs:
+            return
+        if self.ctx is not None:
+            lib.llama_batch_free(self.batch)
+            lib.llama_free(self.ctx)
+        params = lib.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_ctx, min(n_ctx, 512)
+        params.n_seq_max, params.kv_unified = n_seqs, True
+        params.n_threads = params.n_threads_batch = self.threads
+        self.ctx = lib.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        self.batch = lib.llama_batch_init(n_ctx, 0, n_seqs)
+        self.shape = (n_ctx, n_seqs)
+
+    def _decode(self, tokens, positions, seqs, logits) -> None:
+        import numpy as np
+
+        lib, batch, n = self.lib, self.batch, len(tokens)
+        batch.n_tokens = n
+        np.ctypeslib.as_array(batch.token, shape=(n,))[:] = tokens
+        np.ctypeslib.as_array(batch.pos, shape=(n,))[:] = positions
+        np.ctypeslib.as_array(batch.n_seq_id, shape=(n,))[:] = 1
+        np.ctypeslib.as_array(batch.logits, shape=(n,))[:] = logits
+        for i, seq in enumerate(seqs):
+            batch.seq_id[i][0] = seq
+        status = lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+
+    def _clear(self) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+
+    def _logits(self, rows: int):
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)).copy())
+
+    def logprobs(self, ids: list[int]):
+        """log-softmax rows [len(ids), vocab] of one sequence from an empty state."""
+        import torch
+
+        n = len(ids)
+        self._context(max(n, self.latency_ctx), self.latency_seqs)
+        self._clear()
+        self._decode(ids, range(n), [0] * n, [1] * n)
+        return torch.log_softmax(self._logits(n).double(), dim=-1)
+
+    def nll(self, window) -> float:
+        import torch
+
+        ids = window.tolist()
+        n = len(ids)
+        self._context(max(n, self.latency_ctx), self.latency_seqs)
+        self._clear()
+        self._decode(ids, range(n), [0] * n, [1] * n)
+        return torch.nn.functional.cross_entropy(self._logits(n)[:-1].float(), window[1:], reduction="sum").item()
+
+    def prefill(self, prompts):
+        batch, length = prompts.shape
+        self._clear()
+        ids = prompts.flatten().tolist()
+        last = [0] * (length - 1) + [1]
+        self._decode(ids, list(range(length)) * batch, [s for s in range(batch) for _ in range(length)], last * batch)
+        return {"tokens": self._logits(batch).argmax(-1).tolist(), "pos": length}
+
+    def decode(self, state, steps: int) -> None:
+        tokens, pos = state["tokens"], state["pos"]
+        batch = len(tokens)
+        for step in range(steps):
+            self._decode(tokens, [pos + step] * batch, range(batch), [1] * batch)
+            tokens = self._logits(batch).argmax(-1).tolist()
+
+    def sync(self) -> None:
+        self.lib.llama_synchronize(self.ctx)
+
+    def memory(self) -> dict[str, float]:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"weights_mb": self.lib.llama_model_size(self.model) / 1e6, "peak_mem_mb": peak_kb * 1024 / 1e6}
+
+    def lm_eval_model(self, spec):
+        from transformers import AutoTokenizer
+
+        from tasks.lm_eval_tasks import LogitsLM
+
+        return LogitsLM(self.logprobs, AutoTokenizer.from_pretrained(self.tokenizer_path), max_length=2048)
+
+
+def gguf_facts(path: Path) -> dict[str, object]:
+    """Tensor types actually written (type -> count), effective bits per weight, file size."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    types, bits, weights = Counter(), 0, 0
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] += 1
+        bits += int(tensor.n_bytes) * 8
+        weights += int(tensor.n_elements)
+    return {
+        "tensor_types": json.dumps(dict(sorted(types.items()))),
+        "bits_per_weight": round(bits / weights, 3) if weights else 0.0,
+        "gguf_mb": round(path.stat().st_size / 1e6, 3),
+    }
+
+
+RUNTIME = Runtime(
+    name="llama_cpp",
+    summary="llama.cpp compiled for the target from the llama-cpp-python sdist (CMake flags from the profile); runs GGUF",
+    formats=frozenset({"gguf"}),
+    devices=frozenset({"cpu", "cuda"}),
+    config=LlamaCppConfig,
+    unavailable_reason=unavailable_reason,
+    build=build,
+    open_session=LlamaCppSession,
+    worker_env=python_env,
+)

@@ -1,0 +1,135 @@
+"""GGUF export: llama.cpp's own converter, then llama.cpp's own quantizer (optionally with its imatrix).
+
+The stage input (a save_pretrained folder: the base model, or a pruned / distilled / quantized
+stage) is converted to an f32 GGUF by `convert_hf_to_gguf.py` from the llama-cpp-python sdist
+(with that sdist's gguf-py, never a hand-written writer), then quantized to `quant_type` by
+`llama-quantize` compiled from the same source for this worker. `imatrix: true` first computes
+llama.cpp's importance matrix (`llama-imatrix`) on the recipe's calibration windows. A GPTQ or
+compressed-tensors input is dequantized by the converter and re-quantized: the facts say so.
+The artifact is a folder with `model.gguf` and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
+
+# recipe name -> llama-quantize's type name
+QUANT_TYPES = {
+    "f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q6_k": "Q6_K",
+    "q5_k_m": "Q5_K_M", "q5_k_s": "Q5_K_S", "q5_0": "Q5_0", "q5_1": "Q5_1",
+    "q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q4_0": "Q4_0", "q4_1": "Q4_1",
+    "iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS", "q3_k_l": "Q3_K_L", "q3_k_m": "Q3_K_M", "q3_k_s": "Q3_K_S", "q2_k": "Q2_K",
+}
+QuantType = Literal[
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s",
+    "q4_0", "q4_1", "iq4_nl", "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+]
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+)
+
+
+class GgufConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quant_type: QuantType = "q8_0"
+    # Quantize with llama.cpp's importance matrix computed on the recipe's calibration windows.
+    imatrix: bool = False
+    # The llama-cpp-python sdist whose converter and tools write the file.
+    version: str = Field(default="0.3.36", pattern=r"^\d+\.\d+\.\d+$")
+
+
+def convert(model_dir: Path, out_file: Path, src: Path) -> None:
+    """llama.cpp's converter, with the sdist's own gguf-py first on the path."""
+    llama = src / "vendor" / "llama.cpp"
+    env = os.environ | {"PYTHONPATH": str(llama / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    done = subprocess.run(
+        [sys.executable, str(llama / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file), "--outtype", "f32"],
+        capture_output=True, text=True, env=env,
+    )
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+        raise TechniqueError(f"llama.cpp's converter (convert_hf_to_gguf.py) cannot convert this model: {last.strip()}")
+
+
+def calibration_text(model_dir: Path, calibration_ids) -> str:
+    """The calibration windows as text: llama-imatrix tokenizes its input file itself."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return "\n".join(tokenizer.decode(row, skip_special_tokens=True) for row in calibration_ids.tolist())
+
+
+def input_quantization(model_dir: Path) -> str | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    quantization = config.get("quantization_config")
+    return quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else None
+
+
+def run(inputs: BuildInputs) -> BuildResult:
+    from byoai.settings import Settings
+    from tasks.runtimes.llama_cpp import GGUF_FILE, LlamaCppConfig, build, gguf_facts, llama_cpp_commit, source, tool
+
+    config: GgufConfig = inputs.config
+    if not (inputs.model_dir / "config.json").is_file():
+        raise TechniqueError(f"gguf converts a save_pretrained folder; {inputs.model_dir} is not one (put gguf last in a chain)")
+    cache = Settings().cache_dir.expanduser().resolve()
+    src = source(config.version, cache)
+    tools = build(LlamaCppConfig(version=config.version), cache)  # this worker's native build
+    threads = str(os.cpu_count() or 1)
+    facts: dict[str, object] = {
+        "format": "gguf", "quant_type": config.quant_type, "imatrix": config.imatrix,
+        "converter": f"convert_hf_to_gguf.py, llama.cpp {llama_cpp_commit(src)} (llama-cpp-python {config.version} sdist)",
+        "llama_cpp_python": config.version,
+    }
+    if (method := input_quantization(inputs.model_dir)) is not None:
+        facts["requantized_from"] = f"{method}: the converter dequantized the input, llama-quantize re-quantized it"
+    out = inputs.out_dir / GGUF_FILE
+    with tempfile.TemporaryDirectory(prefix="byoai-gguf-", dir=inputs.out_dir.parent) as work:
+        f32 = Path(work) / "model-f32.gguf"
+        convert(inputs.model_dir, f32, src)
+        args = []
+        if config.imatrix:
+            n_samples, seq_len = inputs.calibration_ids.shape
+            if n_samples < 2:
+                raise TechniqueError("imatrix needs at least 2 calibration windows (calibration.n_samples >= 2)")
+            text = Path(work) / "calibration.txt"
+            text.write_text(calibration_text(inputs.model_dir, inputs.calibration_ids))
+            matrix = Path(work) / "imatrix.gguf"
+            tool(tools, "llama-imatrix", "-m", str(f32), "-f", str(text), "-o", str(matrix), "-c", str(seq_len),
+                 "--chunks", str(n_samples), "-t", threads, "--no-ppl")
+            args = ["--imatrix", str(matrix)]
+            facts["imatrix_tokens"] = n_samples * seq_len
+        if config.quant_type == "f32":
+            shutil.move(f32, out)
+        else:
+            tool(tools, "llama-quantize", *args, str(f32), str(out), QUANT_TYPES[config.quant_type], threads)
+    for name in TOKENIZER_FILES:
+        if (inputs.model_dir / name).is_file():
+            shutil.copy2(inputs.model_dir / name, inputs.out_dir / name)
+    facts |= gguf_facts(out)
+    return BuildResult(model_dir=inputs.out_dir, facts=facts, format="gguf")
+
+
+TECHNIQUE = Technique(
+    name="gguf",
+    summary="GGUF export: llama.cpp's converter + llama-quantize (q8_0 ... q2_k, iq4_nl), optional imatrix",
+    config=GgufConfig,
+    run=run,
+    devices=frozenset({"cpu", "cuda"}),
+    needs_calibration=True,
+    output_format="gguf",
+)
