@@ -14,11 +14,11 @@ from recipes import RECIPES_DIR
 pytestmark = pytest.mark.slow
 
 
-def test_demo_recipe_promotes_gptq_on_smollm2(workdir):
+def test_demo_recipe_promotes_a_gguf_in_llama_cpp_on_smollm2(workdir):
     recipe = load_recipe(RECIPES_DIR / "demo.yaml")
     summary = run_optimize(recipe)
     rows = {r.variant: r for r in summary.results}
-    assert {r.status for r in rows.values()} == {"finished"}
+    assert {r.status for r in rows.values()} == {"finished"}, [(r.variant, r.reason) for r in summary.results]
     base, rtn, gptq = rows["baseline"], rows["rtn-w4-g64"], rows["gptq-w4-g64"]
     # 4096 tokens of held-out pydoc text; SmolLM2-135M-Instruct scores ~13.5 in float32
     assert 8 < base.ppl < 25
@@ -30,12 +30,20 @@ def test_demo_recipe_promotes_gptq_on_smollm2(workdir):
     assert int8.ppl_delta_pct < 3 and int8.size_mb < 0.45 * base.size_mb
     # one shipped lm-eval task (64 questions, 4 options): the real model is far above chance 0.25
     assert base.task_scores["byoai_pydoc_cloze"] > 0.6
-    # gate 25 %: RTN W4 (~+43 %) fails it, GPTQ W4 (~+20 %) passes and is smallest, so it is champion
+    # the GGUF variants, measured in llama.cpp compiled for this CPU: q8_0 keeps quality; the
+    # embedded model's own Q4_1 file, run as it is, is the `input` row
+    q8, q4 = rows["gguf-q8_0"], rows["gguf-q4_k_m-imatrix"]
+    assert q8.runtime == q4.runtime == rows["input"].runtime == "llama_cpp"
+    assert abs(q8.ppl_delta_pct) < 2 and q8.size_mb < 0.3 * base.size_mb
+    assert abs(rows["input"].ppl_delta_pct) < 2 and rows["input"].version is None
+    # gate 25 %: RTN W4 (~+43 %) fails it; the smallest gated variant is the q4_k_m GGUF
     decisions = {d["variant"]: d for d in summary.decisions}
-    assert decisions["rtn-w4-g64"]["gate"] == "fail"
-    assert decisions["gptq-w4-g64"]["gate"] == "pass" and decisions["gptq-w4-g64"]["champion"]
+    assert "input" not in decisions
+    assert decisions["rtn-w4-g64"]["gate"] == "fail" and decisions["gptq-w4-g64"]["gate"] == "pass"
+    assert q4.size_mb < rows["gptq-w4-g64"].size_mb and decisions["gguf-q4_k_m-imatrix"]["champion"]
     uri = summary.tracking_uri
     champion = MlflowClient(uri, uri).get_model_version_by_alias(recipe.name, "champion-cpu-x86")
-    assert champion.tags["byoai.variant"] == "gptq-w4-g64"
-    shown = CliRunner().invoke(app, ["champions", recipe.name])
-    assert shown.exit_code == 0 and "gptq-w4-g64" in shown.output
+    assert champion.tags["byoai.variant"] == "gguf-q4_k_m-imatrix" and champion.tags["byoai.runtime"] == "llama_cpp"
+    assert champion.tags["byoai.runtime_build"].startswith("llama_cpp-0.3.36-") and champion.tags["byoai.quant_type"] == "q4_k_m"
+    shown = CliRunner().invoke(app, ["champions", recipe.name], terminal_width=300)
+    assert shown.exit_code == 0 and "gguf-q4_k_m-imatrix" in shown.output and "llama_cpp" in shown.output
