@@ -5,7 +5,10 @@ Prints two ratios:
                       (bench/plain_demo.py: no Prefect, no MLflow, no registry)
   warm / cold       - an unchanged re-run (everything cached) over the cold run
 Each is a fresh process, as a user would run it. The base model is materialized once beforehand
-so neither side pays for it. Usage: python bench/orchestration.py [RECIPE]
+so neither side pays for it.
+
+    python bench/orchestration.py [RECIPE]     (default: recipes/demo.yaml)
+    python bench/orchestration.py --quick      (bench/recipes/quick.yaml: what CI runs, ~2 min)
 """
 
 from __future__ import annotations
@@ -26,14 +29,18 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
+QUICK = "bench/recipes/quick.yaml"
+
+
 def main() -> None:
-    recipe = sys.argv[1] if len(sys.argv) > 1 else "recipes/demo.yaml"
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    recipe = QUICK if "--quick" in sys.argv[1:] else (args[0] if args else "recipes/demo.yaml")
     bin_dir = Path(sys.executable).parent
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "BYOAI_HOME": home, "HF_HUB_OFFLINE": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
         warmup = timed([sys.executable, "-c", f"from byoai.recipe import load_recipe; from byoai.settings import Settings; "
-                        f"from tasks.model import resolve_model; resolve_model.fn(load_recipe('{recipe}').model, str(Settings().models_dir()))"], env)
+                        f"from byoai.tasks.model import resolve_model; resolve_model.fn(load_recipe('{recipe}').model, str(Settings().models_dir()))"], env)
         plain = timed([sys.executable, "bench/plain_demo.py", recipe], env)
         cold = timed([str(bin_dir / "byoai"), "run", recipe], env)
         warm = timed([str(bin_dir / "byoai"), "run", recipe], env)

@@ -1,6 +1,7 @@
 """Runtimes benchmark: every variant measured in the runtime it ships in, in one flow run.
 
     python bench/runtimes.py [RECIPE]        (default: bench/recipes/smollm2-runtimes.yaml)
+    python bench/runtimes.py --quick         (bench/recipes/quick.yaml: what CI runs, ~1 min)
 
 Runs the recipe (a real `byoai run`: Prefect, MLflow, registry) and prints the table and the
 ratios measured in that same run:
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(recipe_path: str) -> int:
     from byoai.recipe import load_recipe
-    from flows.optimize import run_optimize
+    from byoai.flows.optimize import run_optimize
 
     recipe = load_recipe(recipe_path)
     started = time.perf_counter()
@@ -82,4 +83,6 @@ def main(recipe_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "bench" / "recipes" / "smollm2-runtimes.yaml")))
+    args = [a for a in sys.argv[1:] if a != "--quick"]
+    default = "quick.yaml" if "--quick" in sys.argv[1:] else "smollm2-runtimes.yaml"
+    sys.exit(main(args[0] if args else str(ROOT / "bench" / "recipes" / default)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from byoai import devices
 from byoai.recipe import TargetProfile, VariantSpec
-from tasks.runtimes import RUNTIMES
-from tasks.techniques import TECHNIQUES
+from byoai.tasks.runtimes import RUNTIMES
+from byoai.tasks.techniques import TECHNIQUES
 
 
 def skip_reason(variant: VariantSpec, target: TargetProfile) -> str | None:

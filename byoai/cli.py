@@ -22,18 +22,27 @@ TrackingUri = Annotated[
 ]
 
 
-def _load(recipe: Path):
+def _load(recipe: Path, data: bool = False):
+    """The validated recipe; with `data`, its text sources are checked too (byoai.preflight)."""
     try:
-        return load_recipe(recipe)
+        parsed = load_recipe(recipe)
     except RecipeError as exc:
         err.print(f"[bold red]invalid recipe[/]\n{exc}", highlight=False)
         raise typer.Exit(2) from None
+    if data:
+        from byoai.preflight import data_problems
+
+        if problems := data_problems(parsed):
+            lines = "\n".join(f"  {p}" for p in problems)
+            err.print(f"[bold red]invalid recipe[/]\n{recipe.resolve()}: invalid ({len(problems)} error{'s' * (len(problems) > 1)})\n{lines}", highlight=False)
+            raise typer.Exit(2)
+    return parsed
 
 
 @app.command()
 def validate(recipe: Path) -> None:
-    """Check a recipe and its target profiles without running anything."""
-    parsed = _load(recipe)
+    """Check a recipe, its target profiles, model files and texts without running anything."""
+    parsed = _load(recipe, data=True)
     console.print(
         f"[green]ok[/] {parsed.name}: {len(parsed.variants)} variant(s) x {len(parsed.targets)} target(s) "
         f"({', '.join(t.name for t in parsed.targets)}); recipe sha {parsed.sha()[:12]}"
@@ -43,8 +52,8 @@ def validate(recipe: Path) -> None:
 @app.command()
 def run(recipe: Path, tracking_uri: TrackingUri = None) -> None:
     """Build, evaluate, register every variant and promote a champion per target."""
-    parsed = _load(recipe)
-    from flows.optimize import run_optimize
+    parsed = _load(recipe, data=True)
+    from byoai.flows.optimize import run_optimize
 
     try:
         summary = run_optimize(parsed, tracking_uri)
@@ -82,7 +91,7 @@ def deploy(
     if not PREFECT_API_URL.value():
         err.print("[bold red]no Prefect server:[/] set PREFECT_API_URL (infra/stack.sh start prints it)")
         raise typer.Exit(2)
-    from flows.deploy import deploy_recipe
+    from byoai.flows.deploy import deploy_recipe
 
     try:
         deployment_id, dispatch = deploy_recipe(parsed, pool, cron, tracking_uri)
@@ -109,7 +118,7 @@ def report(
     from mlflow.exceptions import MlflowException
 
     from byoai.settings import Settings
-    from tasks.report import report_from_mlflow
+    from byoai.tasks.report import report_from_mlflow
 
     try:
         files = report_from_mlflow(Settings().tracking(tracking_uri), run_id, out)
@@ -125,7 +134,7 @@ def techniques() -> None:
     """The capability matrix: where each technique builds and runs, and what this worker can run."""
     from byoai import devices
     from byoai.recipe import available_targets, load_target
-    from tasks.techniques import TECHNIQUES
+    from byoai.tasks.techniques import TECHNIQUES
 
     table = Table(title="techniques x devices")
     for column in ("technique", "cpu", "cuda", "calibration", "in targets", "what"):
@@ -144,7 +153,7 @@ def techniques() -> None:
         reason = devices.unavailable_reason(device)
         console.print(f"{device} on this worker: " + ("available" if reason is None else reason))
     from byoai.capability import runtime_skip_reason
-    from tasks.runtimes import RUNTIMES
+    from byoai.tasks.runtimes import RUNTIMES
 
     runtimes = Table(title="runtimes x targets (what each target ships in, and whether this worker can build it)")
     for column in ("runtime", "formats", "target", "build", "on this worker"):
@@ -164,7 +173,7 @@ def build_runtimes(
     from byoai.capability import runtime_skip_reason
     from byoai.recipe import available_targets, load_target
     from byoai.settings import Settings
-    from tasks.runtimes import RUNTIMES, RuntimeUnavailable
+    from byoai.tasks.runtimes import RUNTIMES, RuntimeUnavailable
 
     known = available_targets(None)
     names = targets or ["cpu-x86"]
@@ -193,7 +202,7 @@ def champions(name: str, tracking_uri: TrackingUri = None) -> None:
     from mlflow.exceptions import MlflowException
 
     from byoai.settings import Settings
-    from tasks.tracking import TAG, client, evaluation_run_id
+    from byoai.tasks.tracking import TAG, client, evaluation_run_id
 
     uri = Settings().tracking(tracking_uri)
     mlflow = client(uri)

@@ -24,10 +24,10 @@ from pydantic import (
     model_validator,
 )
 
-from recipes import TARGETS_DIR
-from tasks.lm_eval_tasks import LmEvalSpec
-from tasks.runtimes import RUNTIMES
-from tasks.techniques import TECHNIQUES
+from byoai.recipes import TARGETS_DIR
+from byoai.tasks.lm_eval_tasks import LmEvalSpec
+from byoai.tasks.runtimes import RUNTIMES
+from byoai.tasks.techniques import TECHNIQUES
 
 # MLflow registered-model and alias names accept these; variant and target names follow suit.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -77,9 +77,21 @@ class LocalModel(_Strict):
     @field_validator("path")
     @classmethod
     def _folder_with_config(cls, value: Path, info: ValidationInfo) -> Path:
+        import json
+
         path = _resolve_path(value, info)
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a model folder (no config.json); give a save_pretrained folder")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc}); re-save the model with save_pretrained") from None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ValueError(f"{path / 'config.json'} has no model_type: not a transformers model config")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+            raise ValueError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise ValueError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); save the tokenizer beside the model")
         return path
 
 
@@ -93,6 +105,10 @@ class GgufModel(_Strict):
         path = _resolve_path(value, info)
         if path.suffix != ".gguf" or not path.is_file():
             raise ValueError(f"{path} is not a .gguf file")
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
         return path
 
 
@@ -122,6 +138,9 @@ class FileText(_Strict):
             raise ValueError(f"text file {path} does not exist")
         if path.suffix not in {".txt", ".jsonl", ".raw", ".tokens"}:
             raise ValueError(f"{path}: use a .txt/.raw/.tokens text file or a .jsonl file")
+        with open(path, "rb") as handle:
+            if not handle.read(1 << 16).strip():
+                raise ValueError(f"text file {path} is empty")
         return path
 
 

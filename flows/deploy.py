@@ -28,8 +28,8 @@ def deploy_recipe(
     targets there. Workers run the flows from this checkout (a process pool on this machine, or
     the same image elsewhere).
     """
-    from flows.optimize import byoai_deployment
-    from flows.target import byoai_target
+    from byoai.flows.optimize import byoai_deployment
+    from byoai.flows.target import byoai_target
 
     settings = Settings()
     pool = work_pool or recipe.targets[0].work_pool
@@ -37,10 +37,10 @@ def deploy_recipe(
     dispatch = {}
     for other in sorted({t.work_pool for t in recipe.targets} - {pool}):
         name = target_deployment_name(recipe, other)
-        _deploy(byoai_target, "flows/target.py:byoai_target", name, other, None, {}, recipe, settings)
+        _deploy(byoai_target, "byoai.flows.target:byoai_target", name, other, None, {}, recipe, settings)
         dispatch.update({t.name: f"byoai-target/{name}" for t in recipe.targets if t.work_pool == other})
     deployment_id = _deploy(
-        byoai_deployment, "flows/optimize.py:byoai_deployment", recipe.name, pool,
+        byoai_deployment, "byoai.flows.optimize:byoai_deployment", recipe.name, pool,
         cron or (recipe.schedule.cron if recipe.schedule else None),
         {"recipe": recipe.model_dump(mode="json"), "tracking_uri": uri, "dispatch": dispatch},
         recipe, settings,

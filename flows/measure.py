@@ -18,16 +18,16 @@ from byoai.capability import runtime_skip_reason, skip_reason
 from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from byoai.settings import Settings
 from byoai.summary import ResultRow
-from tasks.build import build_variant, gguf_input_artifact
-from tasks.data import TokensRef, prepare_calibration, prepare_perplexity_tokens
-from tasks.evaluate import evaluate_in_runtime
-from tasks.lm_eval_tasks import fingerprint
-from tasks.model import ModelRef, resolve_model
-from tasks.promote import Candidate
-from tasks.runtime_build import build_runtime
-from tasks.runtimes import runtimes_for
-from tasks.search import Search
-from tasks.tracking import RunRef, log_input_run, log_unbuilt_run, log_variant_run, register_variant
+from byoai.tasks.build import build_variant, gguf_input_artifact
+from byoai.tasks.data import TokensRef, prepare_calibration, prepare_perplexity_tokens
+from byoai.tasks.evaluate import evaluate_in_runtime
+from byoai.tasks.lm_eval_tasks import fingerprint
+from byoai.tasks.model import ModelRef, resolve_model
+from byoai.tasks.promote import Candidate
+from byoai.tasks.runtime_build import build_runtime
+from byoai.tasks.runtimes import runtimes_for
+from byoai.tasks.search import Search
+from byoai.tasks.tracking import RunRef, log_input_run, log_unbuilt_run, log_variant_run, register_variant
 
 # The runtime the gate's reference (the base model) is measured in on every target.
 REFERENCE_RUNTIME = "transformers"

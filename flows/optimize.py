@@ -18,10 +18,10 @@ from byoai.recipe import Recipe
 from byoai.runners import execution, task_runner
 from byoai.settings import Settings
 from byoai.summary import RunSummary
-from flows.measure import TargetOutcome, measure_targets
-from tasks.promote import promote_champion
-from tasks.report import log_report, render_markdown
-from tasks.tracking import RunRef, finish_parent_run, start_parent_run
+from byoai.flows.measure import TargetOutcome, measure_targets
+from byoai.tasks.promote import promote_champion
+from byoai.tasks.report import log_report, render_markdown
+from byoai.tasks.tracking import RunRef, finish_parent_run, start_parent_run
 
 
 class PipelineFailed(Exception):
@@ -78,7 +78,7 @@ def mark_failed_in_mlflow(flow, flow_run, state) -> None:
     The flow's own `finally` does this for errors it sees; this covers crashes and cancellations
     that end the flow run from outside (a killed worker, a cancelled run).
     """
-    from tasks.tracking import mark_flow_run_failed
+    from byoai.tasks.tracking import mark_flow_run_failed
 
     uri = Settings().tracking(flow_run.parameters.get("tracking_uri"))
     mark_flow_run_failed(uri, str(flow_run.id), f"{state.name}: {state.message or ''}")

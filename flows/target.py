@@ -15,8 +15,8 @@ from prefect import flow
 from byoai.recipe import Recipe
 from byoai.runners import execution, task_runner
 from byoai.settings import Settings
-from flows.measure import TargetOutcome, measure_targets
-from tasks.tracking import RunRef
+from byoai.flows.measure import TargetOutcome, measure_targets
+from byoai.tasks.tracking import RunRef
 
 
 @flow(name="measure-targets", log_prints=True)

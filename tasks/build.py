@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict
 
 from byoai.files import atomic_folder, folder_sha256, folder_size_bytes, json_sha256
 from byoai.log import step_logger
-from tasks.data import CACHED, TokensRef, load_tokens
-from tasks.model import ModelRef
-from tasks.techniques import TECHNIQUES, BuildInputs, TechniqueError, one_build_per_process, probe_ids
+from byoai.tasks.data import CACHED, TokensRef, load_tokens
+from byoai.tasks.model import ModelRef
+from byoai.tasks.techniques import TECHNIQUES, BuildInputs, TechniqueError, one_build_per_process, probe_ids
 
 _MARKER = ".byoai-artifact.json"
 
@@ -48,7 +48,7 @@ def check_reload(folder: Path, in_memory_logits, ids, device: str) -> dict[str, 
 
     Also measures the reloaded weights' sparsity, so pruned variants report what was saved.
     """
-    from tasks.techniques.io import load_model, logits, weight_sparsity
+    from byoai.tasks.techniques.io import load_model, logits, weight_sparsity
 
     model, _ = load_model(folder, device_map=device)
     reloaded = logits(model, ids)
@@ -101,7 +101,7 @@ def build_variant(
             built, sha, size = model.path, model.sha, folder_size_bytes(Path(model.path))
         else:
             if result.load_kwargs:
-                from tasks.techniques.io import write_load_kwargs
+                from byoai.tasks.techniques.io import write_load_kwargs
 
                 write_load_kwargs(tmp, result.load_kwargs)
             if result.probe_logits is not None:
@@ -122,8 +122,8 @@ def gguf_input_artifact(model: ModelRef, variants_dir: str) -> Artifact:
     import shutil
 
     from byoai.files import file_sha256
-    from tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
-    from tasks.techniques.gguf import TOKENIZER_FILES
+    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
+    from byoai.tasks.techniques.gguf import TOKENIZER_FILES
 
     source = Path(model.gguf)
     sha = file_sha256(source)

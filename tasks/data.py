@@ -11,8 +11,9 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pydantic import BaseModel, ConfigDict
 
 from byoai.files import file_sha256
+from byoai.retry import retry_transient
 from byoai.recipe import BuiltinText, CalibrationSpec, FileText, HubDatasetText, PerplexitySpec, TextSource
-from tasks.model import ModelRef
+from byoai.tasks.model import ModelRef
 
 CACHED = INPUTS + TASK_SOURCE
 
@@ -82,7 +83,7 @@ def load_windows(path: str):
     return load_file(path)["input_ids"]
 
 
-@task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=10)
+@task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def prepare_calibration(spec: CalibrationSpec, model: ModelRef, data_dir: str) -> TokensRef:
     """n_samples random windows of seq_len tokens (seeded), as GPTQ and AWQ calibrate."""
     import torch
@@ -99,7 +100,7 @@ def prepare_calibration(spec: CalibrationSpec, model: ModelRef, data_dir: str) -
     return _save(windows, Path(data_dir), f"calibration-{model.sha[:12]}-{spec.n_samples}x{spec.seq_len}-s{spec.seed}")
 
 
-@task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=10)
+@task(cache_policy=CACHED, persist_result=True, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def prepare_perplexity_tokens(spec: PerplexitySpec, model: ModelRef, data_dir: str) -> TokensRef:
     """The first max_tokens tokens of the evaluation text, cut to whole seq_len windows."""
     ids = tokenize(spec.source, model)

@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict
 
 from byoai.log import step_logger
 from byoai.recipe import LatencySpec, TargetProfile
-from tasks.build import Artifact
-from tasks.data import CACHED, TokensRef
-from tasks.lm_eval_tasks import LmEvalSpec
-from tasks.runtimes import RUNTIMES, Measured, MeasureRequest, RuntimeBuild, measure_request
+from byoai.tasks.build import Artifact
+from byoai.tasks.data import CACHED, TokensRef
+from byoai.tasks.lm_eval_tasks import LmEvalSpec
+from byoai.tasks.runtimes import RUNTIMES, Measured, MeasureRequest, RuntimeBuild, measure_request
 
 
 class Metrics(BaseModel):
@@ -56,7 +56,7 @@ def measure_isolated(request: MeasureRequest, env: dict[str, str]) -> Measured:
         request_file, result_file = Path(tmp, "request.json"), Path(tmp, "result.json")
         request_file.write_text(request.model_dump_json())
         done = subprocess.run(
-            [sys.executable, "-m", "tasks.runtimes.worker", str(request_file), str(result_file)],
+            [sys.executable, "-m", "byoai.tasks.runtimes.worker", str(request_file), str(result_file)],
             capture_output=True, text=True, env=env,
         )
         if done.stdout.strip() or done.stderr.strip():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from recipes import RECIPES_DIR
+from byoai.recipes import RECIPES_DIR
 
 SHIPPED_DIR = RECIPES_DIR / "lm_eval"
 DEFAULT_TASKS = ("byoai_pydoc_cloze",)
@@ -347,7 +347,7 @@ def evaluate_artifact_tasks(path: str | Path, target, spec: LmEvalSpec) -> dict[
     """run_lm_eval on an artifact folder reloaded the way the target loads it (tasks.evaluate)."""
     from transformers import AutoTokenizer
 
-    from tasks.runtimes.transformers import load_artifact
+    from byoai.tasks.runtimes.transformers import load_artifact
 
     model, _ = load_artifact(str(path), target.device, target.dtype)
     return run_lm_eval(model, AutoTokenizer.from_pretrained(path), spec)

@@ -10,6 +10,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from byoai.log import step_logger
+from byoai.retry import retry_transient
 from byoai.files import atomic_folder, file_sha256, folder_sha256
 from byoai.recipe import EmbeddedModel, GgufModel, HubModel, LocalModel, ModelSource
 
@@ -32,6 +33,22 @@ class ModelRef(BaseModel):
 
 class ModelSourceError(Exception):
     """The model cannot be had (missing package, offline hub, bad revision); retrying won't help."""
+
+
+def local_tokenizer_dir(source: ModelSource, models_dir: Path) -> Path | None:
+    """A folder with the model's tokenizer when one is already on this machine (no download, no
+    materializing): the local folder, or a GGUF model materialized by an earlier run."""
+    match source:
+        case LocalModel(path=path):
+            return path
+        case EmbeddedModel() | GgufModel():
+            try:
+                gguf = embedded_gguf() if isinstance(source, EmbeddedModel) else source.path
+            except ModelSourceError:
+                return None
+            folder = _materialized_folder(gguf, models_dir)
+            return folder if (folder / _MATERIALIZED_MARKER).is_file() else None
+    return None
 
 
 def embedded_gguf() -> Path:
@@ -58,7 +75,7 @@ def materialize_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.techniques import model_loading
+    from byoai.tasks.techniques import model_loading
 
     with model_loading():
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -111,10 +128,17 @@ def restore_pretokenizer(gguf: Path, tokenizer_json: Path) -> None:
 _MATERIALIZED_FORMAT = 2
 
 
+_MATERIALIZED_MARKER = ".byoai-model.json"
+
+
+def _materialized_folder(gguf: Path, models_dir: Path) -> Path:
+    return models_dir / f"{gguf.stem.lower()}-{file_sha256(gguf)[:12]}-m{_MATERIALIZED_FORMAT}"
+
+
 def _materialized(gguf: Path, models_dir: Path, label: str) -> ModelRef:
     gguf_sha = file_sha256(gguf)
-    folder = models_dir / f"{gguf.stem.lower()}-{gguf_sha[:12]}-m{_MATERIALIZED_FORMAT}"
-    marker = folder / ".byoai-model.json"
+    folder = _materialized_folder(gguf, models_dir)
+    marker = folder / _MATERIALIZED_MARKER
     if not marker.is_file():
         with atomic_folder(folder) as tmp:
             materialize_gguf(gguf, tmp)
@@ -151,18 +175,8 @@ def _download_hub(source: HubModel, models_dir: Path) -> ModelRef:
     return ModelRef(path=str(folder), sha=f"hub:{source.id}@{folder.name}", source=f"hub:{source.id}@{folder.name}")
 
 
-def _permanent(task, task_run, state) -> bool:
-    """Retry only failures that may pass (network); a missing package or repo will not."""
-    try:
-        state.result()
-    except ModelSourceError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=_permanent)
+# Only downloads can fail transiently: a malformed file or a missing package fails the same way again.
+@task(retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=retry_transient)
 def resolve_model(source: ModelSource, models_dir: str) -> ModelRef:
     """Download or materialize the base model (once; later runs find it in the cache)."""
     models = Path(models_dir)

@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict
 
 from byoai.log import step_logger
 from byoai.recipe import PromotionSpec
-from tasks.evaluate import Metrics, ppl_delta_pct
-from tasks.lm_eval_tasks import recovery
-from tasks.tracking import TAG, client, evaluation_run_id
+from byoai.tasks.evaluate import Metrics, ppl_delta_pct
+from byoai.tasks.lm_eval_tasks import recovery
+from byoai.tasks.tracking import TAG, client, evaluation_run_id
 
 
 class Candidate(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.tracking import RunRef, client
+from byoai.tasks.tracking import RunRef, client
 
 _RESULT_COLUMNS = [
     ("variant", "variant", None), ("target", "target", None), ("runtime", "runtime", None), ("status", "status", None),

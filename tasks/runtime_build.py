@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from byoai.log import step_logger
-from tasks.runtimes import RUNTIMES, RuntimeBuild
+from byoai.tasks.runtimes import RUNTIMES, RuntimeBuild
 
 
 @task(cache_policy=NO_CACHE)

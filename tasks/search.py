@@ -12,7 +12,7 @@ import random
 from typing import Any
 
 from byoai.recipe import PromotionSpec, RangeSpec, SearchSpec
-from tasks.promote import Candidate, rejection
+from byoai.tasks.promote import Candidate, rejection
 
 WORST = 1e30
 _METRIC_OF_OBJECTIVE = {"smallest": "size_mb", "fastest": "decode_tok_s", "best_quality": "ppl"}

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict
 
 from byoai.log import step_logger
 from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
-from tasks.build import Artifact
-from tasks.evaluate import Metrics, ppl_delta_pct
-from tasks.lm_eval_tasks import mlflow_metrics, recovery
-from tasks.runtimes import RuntimeBuild
+from byoai.tasks.build import Artifact
+from byoai.tasks.evaluate import Metrics, ppl_delta_pct
+from byoai.tasks.lm_eval_tasks import mlflow_metrics, recovery
+from byoai.tasks.runtimes import RuntimeBuild
 
 TAG = "byoai."
 

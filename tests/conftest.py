@@ -72,7 +72,7 @@ def smollm2():
     """The real SmolLM2-135M-Instruct (embedded), materialized once into the model cache."""
     from byoai.recipe import EmbeddedModel
     from byoai.settings import Settings
-    from tasks.model import resolve_model
+    from byoai.tasks.model import resolve_model
 
     return resolve_model.fn(EmbeddedModel(), str(Settings().models_dir()))
 
@@ -87,7 +87,7 @@ def gguf_tiny_model(tmp_path_factory, smollm2) -> Path:
 @pytest.fixture(scope="session")
 def gguf_tiny_ref(gguf_tiny_model):
     from byoai.files import folder_sha256
-    from tasks.model import ModelRef
+    from byoai.tasks.model import ModelRef
 
     return ModelRef(path=str(gguf_tiny_model), sha=folder_sha256(gguf_tiny_model), source="test:gguf-tiny")
 
@@ -101,7 +101,7 @@ def gguf_bench(gguf_tiny_ref, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ref(tiny_model):
     from byoai.files import folder_sha256
-    from tasks.model import ModelRef
+    from byoai.tasks.model import ModelRef
 
     return ModelRef(path=str(tiny_model), sha=folder_sha256(tiny_model), source="test:tiny")
 
@@ -111,7 +111,7 @@ class Bench:
 
     def __init__(self, model, folder: Path, n_samples: int, seq_len: int, eval_tokens: int, eval_seq_len: int):
         from byoai.recipe import BuiltinText, CalibrationSpec, PerplexitySpec
-        from tasks.data import prepare_calibration, prepare_perplexity_tokens
+        from byoai.tasks.data import prepare_calibration, prepare_perplexity_tokens
 
         self.model, self.folder = model, folder
         self.calibration = prepare_calibration.fn(
@@ -125,8 +125,8 @@ class Bench:
 
     def build(self, technique: str, params: dict | None = None, model=None):
         """Artifact of one technique; `model` (default: the base) may be an earlier artifact's as_model()."""
-        from tasks.build import build_variant
-        from tasks.techniques import TECHNIQUES
+        from byoai.tasks.build import build_variant
+        from byoai.tasks.techniques import TECHNIQUES
 
         config = TECHNIQUES[technique].config.model_validate(params or {}).model_dump(mode="json")
         return build_variant.fn(technique, config, model or self.model, self.model, self.calibration, "cpu", str(self.folder / "variants"))
@@ -136,8 +136,8 @@ class Bench:
         llama_cpp uses this worker's native build (compiled by infra/install.sh)."""
         from byoai.recipe import LatencySpec, TargetProfile
         from byoai.settings import Settings
-        from tasks.evaluate import evaluate_in_runtime
-        from tasks.runtime_build import build_runtime
+        from byoai.tasks.evaluate import evaluate_in_runtime
+        from byoai.tasks.runtime_build import build_runtime
 
         target = TargetProfile(name=f"test-{device}", device=device, techniques=(artifact.technique,), runtimes={"transformers": {}, runtime: {}})
         build = build_runtime.fn(runtime, target.runtimes[runtime], str(Settings().cache_dir))

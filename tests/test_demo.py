@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from byoai.cli import app
 from byoai.recipe import load_recipe
-from flows.optimize import run_optimize
-from recipes import RECIPES_DIR
+from byoai.flows.optimize import run_optimize
+from byoai.recipes import RECIPES_DIR
 
 pytestmark = pytest.mark.slow
 

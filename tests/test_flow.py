@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from byoai.cli import app
 from byoai.recipe import load_recipe
-from flows.optimize import PipelineFailed, run_optimize
+from byoai.flows.optimize import PipelineFailed, run_optimize
 
 runner = CliRunner()
 HAS_CUDA = torch.cuda.is_available()
@@ -271,8 +271,8 @@ def test_search_stops_when_the_goal_is_reached(write_recipe):
 
 def test_search_walks_a_whole_grid_and_then_stops_asking():
     from byoai.recipe import PromotionSpec, SearchSpec
-    from tasks.promote import Candidate
-    from tasks.search import Search
+    from byoai.tasks.promote import Candidate
+    from byoai.tasks.search import Search
 
     search = Search(SearchSpec(space={"group_size": [32, 64, 192]}, trials=5, metric="ppl"), PromotionSpec())
     tried = []

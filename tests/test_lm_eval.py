@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.lm_eval_tasks import (
+from byoai.tasks.lm_eval_tasks import (
     RECOVERY_BAR,
     SHIPPED_DIR,
     LmEvalDataUnavailable,
@@ -81,7 +81,7 @@ def test_spec_defaults_and_validation():
 
 def test_module_import_is_light():
     """The recipe validator imports this module: no lm_eval, torch or transformers at import."""
-    code = ("import sys, tasks.lm_eval_tasks; "
+    code = ("import sys, byoai.tasks.lm_eval_tasks; "
             "print([m for m in ('lm_eval', 'torch', 'transformers', 'datasets') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent.parent)
@@ -191,7 +191,7 @@ def test_random_model_scores_chance(tiny_scores):
 
 
 def test_limit_and_deterministic_self_recovery(tiny_bench):
-    from tasks.techniques.io import load_model
+    from byoai.tasks.techniques.io import load_model
 
     model, tokenizer = load_model(Path(tiny_bench.model.path))
     spec = LmEvalSpec(tasks=(CLOZE,), limit=16, batch_size=4)
@@ -223,7 +223,7 @@ def test_unreachable_builtin_task_names_it(tiny_bench, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-datasets-cache")
-    from tasks.techniques.io import load_model
+    from byoai.tasks.techniques.io import load_model
 
     model, tokenizer = load_model(Path(tiny_bench.model.path))
     with pytest.raises(LmEvalDataUnavailable) as info:

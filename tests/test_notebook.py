@@ -8,7 +8,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from byoai.recipe import load_recipe
-from flows.optimize import run_optimize
+from byoai.flows.optimize import run_optimize
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "results.ipynb"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from byoai.recipe import PromotionSpec
-from tasks.promote import Candidate, decide
+from byoai.tasks.promote import Candidate, decide
 
 
 def c(variant, version, ppl_delta, size, speed=10.0):

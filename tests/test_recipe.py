@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from byoai.cli import app
 from byoai.recipe import RecipeError, load_recipe
-from recipes import RECIPES_DIR
+from byoai.recipes import RECIPES_DIR
 
 runner = CliRunner()
 
@@ -99,3 +99,32 @@ def test_chains_validate_each_stage(write_recipe):
     both = "[{name: x, technique: rtn, stages: [{technique: rtn}]}]"
     with pytest.raises(RecipeError, match="either technique"):
         load_recipe(write_recipe(variants=both))
+
+
+def test_broken_inputs_fail_at_the_door_within_seconds(write_recipe, workdir, tiny_model):
+    """A non-GGUF .gguf, a config.json that is not JSON, an empty or too short text: exit 2 naming
+    the field, before anything runs (no MLflow store, no retries)."""
+    import shutil
+    import time
+
+    fake = workdir / "model.gguf"
+    fake.write_text("not a gguf")
+    broken = workdir / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text("{not json")
+    (workdir / "empty.txt").write_text("\n  \n")
+    (workdir / "short.txt").write_text("a few words only")
+    cases = [
+        ({"model": f"{{kind: gguf, path: {fake}}}"}, "model.path", "is not a GGUF file"),
+        ({"model": f"{{kind: local, path: {broken}}}"}, "model.path", "config.json is not valid JSON"),
+        ({"calibration": "{source: {kind: file, path: empty.txt}, n_samples: 2, seq_len: 32}"}, "calibration.source.path", "is empty"),
+        ({"calibration": "{source: {kind: file, path: short.txt}, n_samples: 2, seq_len: 32}"}, "calibration.source", "fewer than the 33 tokens one window needs (calibration.seq_len)"),
+    ]
+    for sections, field, message in cases:
+        started = time.perf_counter()
+        for command in ("validate", "run"):
+            result = runner.invoke(app, [command, str(write_recipe(**sections))])
+            assert result.exit_code == 2, (command, result.output)
+            assert field in result.output and message in result.output, result.output
+        assert time.perf_counter() - started < 60  # no retries: the old behaviour waited 5 + 30 + 120 s
+    assert not (workdir / ".byoai").exists()

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from byoai.cli import app
 from byoai.recipe import load_recipe, load_target
 from byoai.settings import Settings
-from flows.optimize import run_optimize
-from recipes import TARGETS_DIR
-from tasks.runtimes import RUNTIMES
-from tasks.runtimes.llama_cpp import LlamaCppConfig, build_dir, unavailable_reason
+from byoai.flows.optimize import run_optimize
+from byoai.recipes import TARGETS_DIR
+from byoai.tasks.runtimes import RUNTIMES
+from byoai.tasks.runtimes.llama_cpp import LlamaCppConfig, build_dir, unavailable_reason
 from tests.test_flow import mlflow_client, task_states, versions
 
 
@@ -44,7 +44,7 @@ def test_gguf_in_llama_cpp_scores_like_transformers(gguf_bench):
 
 
 def test_lm_eval_through_llama_cpp_matches_transformers(gguf_bench):
-    from tasks.lm_eval_tasks import LmEvalSpec
+    from byoai.tasks.lm_eval_tasks import LmEvalSpec
 
     spec = LmEvalSpec(tasks=("byoai_pydoc_cloze",), limit=16)
     f32 = gguf_bench.build("gguf", {"quant_type": "f32"})

@@ -86,7 +86,7 @@ def mlflow():
 def deploy_and_run(recipe_path: Path):
     from prefect.deployments import run_deployment
 
-    from flows.deploy import deploy_recipe
+    from byoai.flows.deploy import deploy_recipe
 
     recipe = load_recipe(recipe_path)
     deploy_recipe(recipe, tracking_uri=MLFLOW)
@@ -217,7 +217,7 @@ def test_a_cancelled_run_resumes_from_persisted_results(write_recipe, on_stack):
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
-    from flows.deploy import deploy_recipe
+    from byoai.flows.deploy import deploy_recipe
 
     name = unique("resume")
     path = write_recipe(

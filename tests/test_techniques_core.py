@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.build import RELOAD_TOLERANCE
+from byoai.tasks.build import RELOAD_TOLERANCE
 
 
 def test_rtn_artifact_reloads_exactly_and_reports_facts(tiny_bench):
@@ -39,7 +39,7 @@ def test_concurrent_loads_in_threads_keep_weight_tying(tmp_path):
 
     from transformers import PreTrainedModel
 
-    from tasks.techniques.io import load_model
+    from byoai.tasks.techniques.io import load_model
     from tests.tiny import make_tiny_model
 
     tied = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)

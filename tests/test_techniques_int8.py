@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.build import RELOAD_TOLERANCE
-from tasks.techniques import TechniqueError, probe_ids
+from byoai.tasks.build import RELOAD_TOLERANCE
+from byoai.tasks.techniques import TechniqueError, probe_ids
 
 TINY_LINEARS = 14  # 2 layers x (4 attention + 3 MLP projections); lm_head stays in float
 
@@ -68,7 +68,7 @@ def test_bnb_nf4_load_time_reloads_quantized_and_matches_prequantized(tiny_bench
     # Every load quantizes: io.load_model turns byoai_load.json back into a BitsAndBytesConfig.
     import bitsandbytes as bnb
 
-    from tasks.techniques.io import load_model
+    from byoai.tasks.techniques.io import load_model
 
     model, _ = load_model(folder, device_map="cpu")
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == TINY_LINEARS
@@ -90,8 +90,8 @@ def test_reload_check_catches_bitsandbytes_nf4_corruption(tiny_model, tmp_path):
     from bitsandbytes.functional import has_avx512bf16
     from transformers import BitsAndBytesConfig
 
-    from tasks.build import check_reload
-    from tasks.techniques.io import load_model, logits
+    from byoai.tasks.build import check_reload
+    from byoai.tasks.techniques.io import load_model, logits
 
     if not has_avx512bf16():
         pytest.skip("the corruption needs bitsandbytes' AVX512-BF16 CPU repacking; this CPU has none")

@@ -11,8 +11,8 @@ import math
 
 import pytest
 
-from tasks.build import RELOAD_TOLERANCE
-from tasks.techniques import TechniqueError
+from byoai.tasks.build import RELOAD_TOLERANCE
+from byoai.tasks.techniques import TechniqueError
 
 # tiny model: 2 layers x (q, k, v, o: 64x64 / 32x64, gate, up: 128x64, down: 64x128) = 14 Linear
 TINY_LINEARS = 14
@@ -25,7 +25,7 @@ def linear_weights(artifact, as_next_stage: bool = False):
 
     import torch
 
-    from tasks.techniques.io import load_model, load_stage_input
+    from byoai.tasks.techniques.io import load_model, load_stage_input
 
     model, _ = (load_stage_input if as_next_stage else load_model)(Path(artifact.path))
     return {
@@ -67,7 +67,7 @@ def test_pruning_refuses_an_ignore_list_that_excludes_everything(tiny_bench):
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_sparse24_is_exactly_2_4_after_reload(tiny_bench, method):
-    from tasks.techniques.pruning import follows_n_m
+    from byoai.tasks.techniques.pruning import follows_n_m
 
     artifact = tiny_bench.build("sparse24", {"method": method})
     assert artifact.facts["method"] == method and artifact.facts["follows_2_4"] is True
@@ -97,7 +97,7 @@ def test_sparsegpt_then_gptq_keeps_the_zeros(tiny_bench):
 
 @pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
 def test_sparse24_then_quantization_stays_2_4(tiny_bench, quantizer):
-    from tasks.techniques.pruning import follows_n_m
+    from byoai.tasks.techniques.pruning import follows_n_m
 
     pruned = tiny_bench.build("sparse24", {"method": "magnitude"})
     quantized = tiny_bench.build(quantizer, {"bits": 4, "group_size": 32}, model=pruned.as_model())
@@ -159,3 +159,23 @@ def test_drop_layers_on_smollm2(smol_bench):
     artifact = smol_bench.build("drop_layers", {"n_layers": 4})
     assert artifact.facts["layers_after"] == 26 and len(artifact.facts["dropped_layers"]) == 4
     assert math.isfinite(smol_bench.evaluate(artifact).ppl)
+
+
+def test_drop_layers_finds_the_decoder_layers_of_gpt_neox(tiny_bench, tiny_model, tmp_path):
+    """GPT-NeoX keeps its decoder layers at gpt_neox.layers, not model.layers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from byoai.files import folder_sha256
+    from byoai.tasks.build import build_variant
+    from byoai.tasks.model import ModelRef
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    neox = tmp_path / "neox"
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)).save_pretrained(neox)
+    tokenizer.save_pretrained(neox)
+    ref = ModelRef(path=str(neox), sha=folder_sha256(neox), source="test:neox")
+    artifact = build_variant.fn("drop_layers", {"n_layers": 1}, ref, ref, tiny_bench.calibration, "cpu", str(tmp_path / "variants"))
+    assert artifact.facts["layers_before"] == 3 and artifact.facts["layers_after"] == 2
+    assert len(AutoModelForCausalLM.from_pretrained(artifact.path).gpt_neox.layers) == 2

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.build import RELOAD_TOLERANCE
-from tasks.techniques import TechniqueError
+from byoai.tasks.build import RELOAD_TOLERANCE
+from byoai.tasks.techniques import TechniqueError
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def wide_bench(tmp_path_factory):
     GPTQModel's AWQ clipping search refuses (see test_gptqmodel_awq_refuses_narrow_layers).
     """
     from byoai.files import folder_sha256
-    from tasks.model import ModelRef
+    from byoai.tasks.model import ModelRef
     from tests.conftest import Bench
     from tests.tiny import make_tiny_model
 

@@ -38,7 +38,7 @@ def _pydoc_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from tasks.data import python_docs
+    from byoai.tasks.data import python_docs
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from tasks.runtimes.base import Measured, MeasureRequest, Runtime, RuntimeBuild, RuntimeUnavailable
+from byoai.tasks.runtimes.base import Measured, MeasureRequest, Runtime, RuntimeBuild, RuntimeUnavailable
 
 # One line per runtime: the module in this package that defines RUNTIME.
 _MODULES = (
@@ -30,9 +30,9 @@ def runtimes_for(artifact_format: str) -> list[str]:
 def measure_request(request: MeasureRequest) -> Measured:
     """Open the artifact in its runtime and run the shared protocol (in this process)."""
     from byoai.recipe import LatencySpec
-    from tasks.lm_eval_tasks import LmEvalSpec
-    from tasks.runtimes.protocol import measure
-    from tasks.data import load_windows
+    from byoai.tasks.lm_eval_tasks import LmEvalSpec
+    from byoai.tasks.runtimes.protocol import measure
+    from byoai.tasks.data import load_windows
 
     session = RUNTIMES[request.runtime].open_session(request)
     lm_eval = LmEvalSpec.model_validate(request.lm_eval) if request.lm_eval else None

@@ -31,7 +31,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from byoai.files import atomic_folder, json_sha256
-from tasks.runtimes.base import MeasureRequest, Runtime, RuntimeBuild, RuntimeUnavailable
+from byoai.tasks.runtimes.base import MeasureRequest, Runtime, RuntimeBuild, RuntimeUnavailable
 
 PACKAGE = "llama-cpp-python"
 DEFAULT_VERSION = "0.3.36"
@@ -394,7 +394,7 @@ class LlamaCppSession:
     def lm_eval_model(self, spec):
         from transformers import AutoTokenizer
 
-        from tasks.lm_eval_tasks import LogitsLM
+        from byoai.tasks.lm_eval_tasks import LogitsLM
 
         return LogitsLM(self.logprobs, AutoTokenizer.from_pretrained(self.tokenizer_path), max_length=2048)
 

@@ -14,7 +14,7 @@ import statistics
 import time
 from functools import cache
 
-from tasks.runtimes.base import Measured, Session
+from byoai.tasks.runtimes.base import Measured, Session
 
 
 def _timed(session: Session, fn) -> float:
@@ -83,7 +83,7 @@ def memory_bandwidth_gb_s(device: str) -> float:
 
 def measure(session: Session, windows, spec, lm_eval=None) -> Measured:
     """The whole protocol on one loaded artifact."""
-    from tasks.lm_eval_tasks import score_lm
+    from byoai.tasks.lm_eval_tasks import score_lm
 
     ppl = perplexity(session, windows)
     profile = latency(session, windows, spec)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.runtimes.base import MeasureRequest, Runtime, RuntimeBuild
+from byoai.tasks.runtimes.base import MeasureRequest, Runtime, RuntimeBuild
 
 
 class TransformersConfig(BaseModel):
@@ -31,7 +31,7 @@ def load_artifact(path: str, device: str, dtype: str):
     """Load the folder as the target will; return the model and the wall time it took."""
     import torch
 
-    from tasks.techniques.io import load_model
+    from byoai.tasks.techniques.io import load_model
 
     started = time.perf_counter()
     # device_map places weights at load: quantized (e.g. bitsandbytes) models refuse a later .to()

@@ -1,4 +1,4 @@
-"""`python -m tasks.runtimes.worker REQUEST.json RESULT.json`: measure one artifact in this process.
+"""`python -m byoai.tasks.runtimes.worker REQUEST.json RESULT.json`: measure one artifact in this process.
 
 tasks.evaluate starts it for runtimes measured in a process of their own (a compiled build is
 first on PYTHONPATH); it writes tasks.runtimes.base.Measured as JSON, or exits non-zero with the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tasks.runtimes import MeasureRequest, measure_request
+from byoai.tasks.runtimes import MeasureRequest, measure_request
 
 
 def main(request_file: str, result_file: str) -> None:

@@ -19,8 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend, probe_ids
-from tasks.techniques.weight_quant import WeightQuantConfig, oneshot_kwargs, quantizable_layers, quantization_scheme
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend, probe_ids
+from byoai.tasks.techniques.weight_quant import WeightQuantConfig, oneshot_kwargs, quantizable_layers, quantization_scheme
 
 # GPTQModel's AWQ clipping search walks output channels in batches of 64 (or 256) and asserts
 # that they divide the layer's output width.
@@ -82,7 +82,7 @@ def _run_llmcompressor(inputs: BuildInputs) -> BuildResult:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    from tasks.techniques.io import load_stage_input, logits, save_model
+    from byoai.tasks.techniques.io import load_stage_input, logits, save_model
 
     config: AwqConfig = inputs.config
     scheme = config.weight_quant()
@@ -130,7 +130,7 @@ def _run_gptqmodel(inputs: BuildInputs) -> BuildResult:
     from gptqmodel import BACKEND
     from gptqmodel.quantization.config import FORMAT, AWQConfig
 
-    from tasks.techniques.io import load_stage_input
+    from byoai.tasks.techniques.io import load_stage_input
 
     config: AwqConfig = inputs.config
     defaults = AwqConfig()

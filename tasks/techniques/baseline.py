@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.techniques import BuildInputs, BuildResult, Technique
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
 
 
 class BaselineConfig(BaseModel):

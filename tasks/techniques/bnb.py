@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, probe_ids
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, probe_ids
 
 
 class BnbConfig(BaseModel):
@@ -82,7 +82,7 @@ def load_quantized(inputs: BuildInputs, quantization, dense_dir: Path | None = N
     stage's compressed-tensors folder: the dense float32 weights are saved to `dense_dir` (a temporary
     folder if None) and loaded from there with the quantization config.
     """
-    from tasks.techniques.io import load_model, load_stage_input, save_model
+    from byoai.tasks.techniques.io import load_model, load_stage_input, save_model
 
     model, tokenizer = load_stage_input(inputs.model_dir)
     with tempfile.TemporaryDirectory(prefix="byoai-dense-") as tmp:
@@ -117,7 +117,7 @@ def memory_bytes(model) -> int:
 def run(inputs: BuildInputs) -> BuildResult:
     import bitsandbytes as bnb
 
-    from tasks.techniques.io import logits, save_model
+    from byoai.tasks.techniques.io import logits, save_model
 
     config: BnbConfig = inputs.config
     if inputs.device not in TECHNIQUE.devices:

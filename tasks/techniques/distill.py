@@ -13,7 +13,7 @@ from importlib.metadata import version
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
 class DistillConfig(BaseModel):
@@ -47,7 +47,7 @@ def distillation_loss(student_out, teacher_out, config: DistillConfig):
 def run(inputs: BuildInputs) -> BuildResult:
     import torch
 
-    from tasks.techniques.io import load_model, load_stage_input, saved
+    from byoai.tasks.techniques.io import load_model, load_stage_input, saved
 
     config: DistillConfig = inputs.config
     student, tokenizer = load_stage_input(inputs.model_dir)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
 class DropLayersConfig(BaseModel):
@@ -34,11 +34,27 @@ class DropLayersConfig(BaseModel):
     keep: tuple[int, ...] = ()
 
 
+def _layer_list(model) -> tuple[object, str]:
+    """(parent module, attribute) of the decoder's list of layers, wherever the architecture keeps
+    it: the first ModuleList of config.num_hidden_layers blocks (Llama/Qwen/Mistral model.layers,
+    GPT-NeoX gpt_neox.layers, GPT-2/Falcon transformer.h, OPT model.decoder.layers)."""
+    import torch
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n and name:
+            parent, _, attribute = name.rpartition(".")
+            return model.get_submodule(parent), attribute
+    raise TechniqueError(
+        f"{type(model).__name__} ({model.config.model_type}) keeps no list of its {n} decoder layers that drop_layers "
+        "can find: it supports decoder stacks held as one ModuleList (Llama/Qwen/Mistral model.layers, "
+        "GPT-NeoX gpt_neox.layers, GPT-2/Falcon transformer.h, OPT model.decoder.layers)"
+    )
+
+
 def decoder_layers(model):
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise TechniqueError(f"{type(model).__name__} has no model.layers: drop_layers supports decoder-only models")
-    return layers
+    parent, attribute = _layer_list(model)
+    return getattr(parent, attribute)
 
 
 def layer_hidden_states(model, calibration_ids):
@@ -102,11 +118,12 @@ def remove_layers(model, dropped: list[int]) -> None:
     """Delete the layers and renumber what transformers indexes by layer (KV cache, layer types)."""
     import torch
 
-    layers = decoder_layers(model)
+    parent, attribute = _layer_list(model)
+    layers = getattr(parent, attribute)
     n = len(layers)
     kept = [i for i in range(n) if i not in set(dropped)]
-    model.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
-    for new_index, layer in enumerate(model.model.layers):
+    setattr(parent, attribute, torch.nn.ModuleList(layers[i] for i in kept))
+    for new_index, layer in enumerate(getattr(parent, attribute)):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):  # the KV cache slot of attention layers
                 module.layer_idx = new_index
@@ -119,7 +136,7 @@ def remove_layers(model, dropped: list[int]) -> None:
 
 
 def run(inputs: BuildInputs) -> BuildResult:
-    from tasks.techniques.io import load_stage_input, saved
+    from byoai.tasks.techniques.io import load_stage_input, saved
 
     config: DropLayersConfig = inputs.config
     model, tokenizer = load_stage_input(inputs.model_dir)

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 # recipe name -> llama-quantize's type name
 QUANT_TYPES = {
@@ -81,7 +81,7 @@ def input_quantization(model_dir: Path) -> str | None:
 
 def run(inputs: BuildInputs) -> BuildResult:
     from byoai.settings import Settings
-    from tasks.runtimes.llama_cpp import GGUF_FILE, LlamaCppConfig, build, gguf_facts, llama_cpp_commit, source, tool
+    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, LlamaCppConfig, build, gguf_facts, llama_cpp_commit, source, tool
 
     config: GgufConfig = inputs.config
     if not (inputs.model_dir / "config.json").is_file():

@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend
-from tasks.techniques.weight_quant import WeightQuantConfig, quantizable_layers, quantize_with_llmcompressor
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend
+from byoai.tasks.techniques.weight_quant import WeightQuantConfig, quantizable_layers, quantize_with_llmcompressor
 
 # GPTQModel's GPTQ processes columns in blocks of this many (fixed in the library).
 GPTQMODEL_BLOCK_SIZE = 128
@@ -58,7 +58,7 @@ def _run_gptqmodel(inputs: BuildInputs) -> BuildResult:
     import torch
     from gptqmodel.quantization.config import GPTQConfig
 
-    from tasks.techniques.io import load_stage_input
+    from byoai.tasks.techniques.io import load_stage_input
 
     config: GptqConfig = inputs.config
     if config.block_size != GPTQMODEL_BLOCK_SIZE:

@@ -20,7 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tasks.techniques import BuildInputs, BuildResult, TechniqueError, model_loading, probe_ids
+from byoai.tasks.techniques import BuildInputs, BuildResult, TechniqueError, model_loading, probe_ids
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -96,7 +96,7 @@ def plain_input(inputs: BuildInputs, model, tokenizer):
     """
     from transformers import AutoConfig
 
-    from tasks.techniques.io import load_kwargs, save_model
+    from byoai.tasks.techniques.io import load_kwargs, save_model
 
     plain = getattr(AutoConfig.from_pretrained(inputs.model_dir), "quantization_config", None) is None
     if plain and not load_kwargs(inputs.model_dir):
@@ -189,7 +189,7 @@ def reference_logits(folder: Path, ids, device: str) -> tuple[Any, str]:
     import torch
     from gptqmodel import BACKEND, GPTQModel
 
-    from tasks.techniques.io import logits
+    from byoai.tasks.techniques.io import logits
 
     quant = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
     if device == "cpu" and quant["bits"] == 4:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
 class Int8CpuConfig(BaseModel):
@@ -55,8 +55,8 @@ def memory_bytes(model) -> int:
 def run(inputs: BuildInputs) -> BuildResult:
     from torchao.quantization import Int8Tensor
 
-    from tasks.techniques.bnb import load_quantized
-    from tasks.techniques.io import saved
+    from byoai.tasks.techniques.bnb import load_quantized
+    from byoai.tasks.techniques.io import saved
 
     config: Int8CpuConfig = inputs.config
     model, tokenizer = load_quantized(inputs, quantization_config(config))

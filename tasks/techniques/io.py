@@ -33,7 +33,7 @@ def load_model(model_dir: Path, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.techniques import model_loading
+    from byoai.tasks.techniques import model_loading
 
     kwargs = {"dtype": torch.float32, **load_kwargs(Path(model_dir)), **kwargs}
     with model_loading():
@@ -57,7 +57,7 @@ def load_stage_input(model_dir: Path):
         return load_model(model_dir)
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
     if method != "compressed-tensors":
-        from tasks.techniques import TechniqueError
+        from byoai.tasks.techniques import TechniqueError
 
         raise TechniqueError(
             f"a stage cannot start from a {method or 'load-time quantized'} checkpoint ({model_dir}); "
@@ -66,7 +66,7 @@ def load_stage_input(model_dir: Path):
     loaded, tokenizer = load_model(model_dir, quantization_config=CompressedTensorsConfig(dequantize=True))
     dense_config = AutoConfig.from_pretrained(model_dir)
     del dense_config.quantization_config
-    from tasks.techniques import model_loading
+    from byoai.tasks.techniques import model_loading
 
     with model_loading():
         model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
@@ -85,7 +85,7 @@ def saved(model, tokenizer, inputs, facts: dict, **save_kwargs):
     probe windows, which the build step compares with the reloaded folder. Saving comes first:
     some formats (bitsandbytes 4-bit on CPU) change their in-memory weights at the first forward.
     """
-    from tasks.techniques import BuildResult, probe_ids
+    from byoai.tasks.techniques import BuildResult, probe_ids
 
     save_model(model, tokenizer, inputs.out_dir, **save_kwargs)
     return BuildResult(model_dir=inputs.out_dir, facts=facts, probe_logits=logits(model, probe_ids(inputs.calibration_ids)))

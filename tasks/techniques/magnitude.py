@@ -8,8 +8,8 @@ masks are never applied and nothing is pruned (checked on this project's machine
 
 from __future__ import annotations
 
-from tasks.techniques import BuildInputs, BuildResult, Technique
-from tasks.techniques.pruning import PruningConfig, prunable_layers, pruning_facts
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
+from byoai.tasks.techniques.pruning import PruningConfig, prunable_layers, pruning_facts
 
 
 class MagnitudeConfig(PruningConfig):
@@ -20,7 +20,7 @@ def run(inputs: BuildInputs) -> BuildResult:
     import torch
     from torch.nn.utils import prune
 
-    from tasks.techniques.io import load_stage_input, saved
+    from byoai.tasks.techniques.io import load_stage_input, saved
 
     config: MagnitudeConfig = inputs.config
     model, tokenizer = load_stage_input(inputs.model_dir)

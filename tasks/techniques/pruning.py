@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, TechniqueError
-from tasks.techniques.weight_quant import _ignored
+from byoai.tasks.techniques import BuildInputs, BuildResult, TechniqueError
+from byoai.tasks.techniques.weight_quant import _ignored
 
 DENSE_FORMAT = "safetensors (dense: pruned zeros are stored, no size saving on disk)"
 
@@ -112,8 +112,8 @@ def prune_with_llmcompressor(
     """
     from llmcompressor import oneshot
 
-    from tasks.techniques.io import load_stage_input, saved
-    from tasks.techniques.weight_quant import oneshot_kwargs
+    from byoai.tasks.techniques.io import load_stage_input, saved
+    from byoai.tasks.techniques.weight_quant import oneshot_kwargs
 
     model, tokenizer = load_stage_input(inputs.model_dir)
     layers = prunable_layers(model, ignore)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from tasks.techniques import BuildInputs, BuildResult, Technique
-from tasks.techniques.weight_quant import WeightQuantConfig, quantize_with_llmcompressor
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
+from byoai.tasks.techniques.weight_quant import WeightQuantConfig, quantize_with_llmcompressor
 
 
 class RtnConfig(WeightQuantConfig):

@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique
-from tasks.techniques.pruning import check_n_m_fits, prunable_layers, prune_with_llmcompressor, pruning_facts
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
+from byoai.tasks.techniques.pruning import check_n_m_fits, prunable_layers, prune_with_llmcompressor, pruning_facts
 
 
 class Sparse24Config(BaseModel):
@@ -37,8 +37,8 @@ def _magnitude_2_4(inputs: BuildInputs, config: Sparse24Config) -> BuildResult:
     import torch
     from torch.nn.utils import prune
 
-    from tasks.techniques.io import load_stage_input, saved
-    from tasks.techniques.pruning import n_m_keep_mask
+    from byoai.tasks.techniques.io import load_stage_input, saved
+    from byoai.tasks.techniques.pruning import n_m_keep_mask
 
     model, tokenizer = load_stage_input(inputs.model_dir)
     layers = prunable_layers(model, config.ignore)
@@ -62,11 +62,11 @@ def run(inputs: BuildInputs) -> BuildResult:
         factory = partial(WandaPruningModifier, sparsity=0.5, mask_structure="2:4")
         result = prune_with_llmcompressor(inputs, factory, config.ignore, 0.5, "2:4")
     else:
-        from tasks.techniques.sparsegpt import sparsegpt_factory
+        from byoai.tasks.techniques.sparsegpt import sparsegpt_factory
 
         result = prune_with_llmcompressor(inputs, sparsegpt_factory(config, "2:4"), config.ignore, 0.5, "2:4")
     if not result.facts["follows_2_4"]:  # a library change that broke the layout must not pass silently
-        from tasks.techniques import TechniqueError
+        from byoai.tasks.techniques import TechniqueError
 
         raise TechniqueError(f"2:4 pruning with method {config.method} produced weights that are not 2:4")
     result.facts["method"] = config.method

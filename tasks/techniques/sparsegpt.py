@@ -11,8 +11,8 @@ from functools import partial
 
 from pydantic import Field
 
-from tasks.techniques import BuildInputs, BuildResult, Technique
-from tasks.techniques.pruning import PruningConfig, prune_with_llmcompressor
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
+from byoai.tasks.techniques.pruning import PruningConfig, prune_with_llmcompressor
 
 
 class SparseGptConfig(PruningConfig):

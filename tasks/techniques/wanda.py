@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from tasks.techniques import BuildInputs, BuildResult, Technique
-from tasks.techniques.pruning import PruningConfig, prune_with_llmcompressor
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
+from byoai.tasks.techniques.pruning import PruningConfig, prune_with_llmcompressor
 
 
 class WandaConfig(PruningConfig):

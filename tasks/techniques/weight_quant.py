@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.techniques import BuildInputs, BuildResult, TechniqueError
+from byoai.tasks.techniques import BuildInputs, BuildResult, TechniqueError
 
 
 class WeightQuantConfig(BaseModel):
@@ -193,7 +193,7 @@ def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate
     """Load, check layers, run llmcompressor's oneshot with one modifier, save compressed."""
     from llmcompressor import oneshot
 
-    from tasks.techniques.io import load_stage_input, saved
+    from byoai.tasks.techniques.io import load_stage_input, saved
 
     config: WeightQuantConfig = inputs.config
     model, tokenizer = load_stage_input(inputs.model_dir)
