@@ -50,16 +50,36 @@ def validate(recipe: Path) -> None:
 
 
 @app.command()
-def run(recipe: Path, tracking_uri: TrackingUri = None) -> None:
+def run(
+    recipe: Path,
+    tracking_uri: TrackingUri = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream the libraries' logs to the terminal too")] = False,
+) -> None:
     """Build, evaluate, register every variant and promote a champion per target."""
+    import contextlib
+
+    from byoai.console import Reporter, log_path, output_to, quiet_defaults, terminal_stream
+    from byoai.settings import Settings
+
     parsed = _load(recipe, data=True)
+    quiet_defaults()
+    settings = Settings()
+    log_file = log_path(settings.resolved_home(), parsed.name)
+    term = Console(file=terminal_stream(), width=None if console.is_terminal else 180)
     from byoai.flows.optimize import run_optimize
 
+    reporter = Reporter(term, total=(len(parsed.variants) + 1) * len(parsed.targets))
+    summary = None
     try:
-        summary = run_optimize(parsed, tracking_uri)
+        with reporter.showing(), (contextlib.nullcontext() if verbose else output_to(log_file)):
+            summary = run_optimize(parsed, tracking_uri)
     except Exception as exc:  # the flow has already recorded the failure in MLflow and Prefect
-        err.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        term.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+    finally:
+        _attach_log(settings.tracking(tracking_uri), reporter.parent_run_id, log_file, term)
+    if summary is None:
+        term.print(f"full log: {log_file}", highlight=False)
+        raise typer.Exit(1)
     table = Table(title=f"{summary.model_name}: variants x targets")
     for column in ("variant", "target", "runtime", "status", "ppl", "Δppl %", "size MB", "load s", "prefill ms", "decode tok/s", "gate", "version", "champion"):
         table.add_column(column, justify="right" if column not in {"variant", "target", "runtime", "status", "gate"} else "left")
@@ -71,10 +91,26 @@ def run(recipe: Path, tracking_uri: TrackingUri = None) -> None:
             *(_num(v, f) for v, f in ((r.ppl, ".3f"), (r.ppl_delta_pct, "+.2f"), (r.size_mb, ".1f"), (r.load_s, ".2f"), (r.prefill_ms, ".1f"), (r.decode_tok_s, ".1f"))),
             d.get("gate", ""), r.version or "", "★" if d.get("champion") else "",
         )
-    console.print(table)
+    term.print(table)
     for target, version in summary.champions.items():
-        console.print(f"champion-{target}: " + (f"version {version}" if version else "none (no variant passed the gate)"))
-    console.print(f"MLflow parent run {summary.parent_run_id}; open the UI with:\n  mlflow ui --backend-store-uri {summary.tracking_uri}")
+        term.print(f"champion-{target}: " + (f"version {version}" if version else "none (no variant passed the gate)"))
+    term.print(
+        f"MLflow parent run {summary.parent_run_id}; open the UI with:\n  mlflow ui --backend-store-uri {summary.tracking_uri}\n"
+        f"full log: {log_file}",
+        highlight=False,
+    )
+
+
+def _attach_log(tracking_uri: str, run_id: str | None, log_file: Path, term: Console) -> None:
+    """The run's log file beside its results in MLflow (logs/<file>)."""
+    if run_id is None or not log_file.is_file():
+        return
+    from byoai.tasks.tracking import client
+
+    try:
+        client(tracking_uri).log_artifact(run_id, str(log_file), "logs")
+    except Exception as exc:  # noqa: BLE001 - the run's results stand without their log
+        term.print(f"could not attach the log to MLflow run {run_id}: {type(exc).__name__}: {exc}", highlight=False)
 
 
 @app.command()

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import get_run_logger
 from pydantic import BaseModel, Field
 
+from byoai import progress
 from byoai.capability import runtime_skip_reason, skip_reason
 from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from byoai.settings import Settings
@@ -47,7 +48,12 @@ class TargetOutcome(BaseModel):
     def unbuilt(self, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None, runtime: str = "") -> None:
         """Record a variant x target (x runtime) that produced nothing: its MLflow child run and its row."""
         log_unbuilt_run(parent, variant, target, status, reason, text, runtime)
+        progress.emit(status, variant.name, target.name, runtime, reason)
         self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, runtime=runtime, status=status, reason=reason))
+
+
+def measured_line(metrics, ppl_delta_pct: float) -> str:
+    return f"ppl {metrics.ppl:.3f} ({ppl_delta_pct:+.1f} %), {metrics.size_mb:.0f} MB, {metrics.decode_tok_s:.1f} tok/s"
 
 
 def error_text(state) -> tuple[str, str]:
@@ -111,6 +117,7 @@ class Loop:
         return out
 
     def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str):
+        progress.emit("evaluating", name, target.name, runtime)
         return _heavy(evaluate_in_runtime, f"evaluate-{name}@{target.name}-{runtime}", target.device).submit(
             artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args
         )
@@ -128,6 +135,8 @@ class Loop:
     def submit_chain(self, variant: VariantSpec, runnable: list[TargetProfile]) -> list:
         """Submit the variant's stages; each stage's output (a future) is the next one's input."""
         device = "cuda" if any(t.device == "cuda" for t in runnable) else "cpu"
+        for target in runnable:
+            progress.emit("queued", variant.name, target.name)
         stages, upstream = [], self.model
         for i, stage in enumerate(variant.stages):
             prefix = (device, *((s.technique, repr(sorted(s.params.items()))) for s in variant.stages[: i + 1]))
@@ -141,6 +150,8 @@ class Loop:
 
     def submit_evaluations(self, variant: VariantSpec, runnable: list[TargetProfile], stages: list) -> list:
         """Once its chain is built, evaluate the artifact on each target; a failed stage is recorded."""
+        for target in runnable:
+            progress.emit("building", variant.name, target.name, detail=variant.technique)
         failed = next((i for i, future in enumerate(stages) if future.wait() or future.state.is_failed()), None)
         if failed is not None:
             where = f"stage {failed} ({variant.stages[failed].technique})" if len(variant.stages) > 1 else "build"
@@ -170,11 +181,13 @@ class Loop:
             return None
         metrics, reference = future.result(), self.reference[target.name]
         build = self.runtime_build(target, runtime).result()
+        progress.emit("registering", variant.name, target.name, runtime)
         run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, build, tags or {})
         version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build)
         candidate = Candidate.measured(variant.name, version.version, metrics, reference)
         self.outcome.candidates.setdefault(target.name, []).append(candidate)
         self.outcome.results.append(ResultRow.measured(variant.name, variant.technique, target.name, metrics, candidate.ppl_delta_pct, version.version, run_id, note))
+        progress.emit("done", variant.name, target.name, runtime, measured_line(metrics, candidate.ppl_delta_pct))
         return candidate
 
     def record_input(self, artifact, target: TargetProfile, runtime: str, future) -> None:
@@ -183,11 +196,14 @@ class Loop:
         if future.state.is_failed():
             message, _ = error_text(future.state)
             self.outcome.results.append(ResultRow(variant="input", technique="baseline", target=target.name, runtime=runtime, status="failed", reason=f"evaluation failed: {message}"))
+            progress.emit("failed", "input", target.name, runtime, f"evaluation failed: {message}")
             return
         metrics, reference = future.result(), self.reference[target.name]
         run_id = log_input_run(self.parent, target, artifact, metrics, reference, self.runtime_build(target, runtime).result())
         note = "the recipe's input file as it is (not a candidate)"
-        self.outcome.results.append(ResultRow.measured("input", "baseline", target.name, metrics, (metrics.ppl - reference.ppl) / reference.ppl * 100, None, run_id, note))
+        delta = (metrics.ppl - reference.ppl) / reference.ppl * 100
+        self.outcome.results.append(ResultRow.measured("input", "baseline", target.name, metrics, delta, None, run_id, note))
+        progress.emit("done", "input", target.name, runtime, measured_line(metrics, delta))
 
     def run_input(self, targets: list[TargetProfile]) -> None:
         """When the recipe's model is a GGUF file, measure that file as it is where a runtime runs GGUF."""
@@ -257,6 +273,8 @@ def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef
         for t in measured
     }
     loop.reference = {name: future.result() for name, future in reference.items()}
+    for name, metrics in loop.reference.items():
+        progress.emit("done", "reference", name, REFERENCE_RUNTIME, measured_line(metrics, 0.0))
 
     loop.run_input(measured)
     loop.run_variants([v for v in recipe.variants if v.search is None])

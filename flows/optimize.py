@@ -6,15 +6,16 @@ This module only orchestrates; every number is computed in a task.
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from byoai import progress
 from byoai.capability import skip_reason
 from byoai.recipe import Recipe
+from byoai.results import result_options
 from byoai.runners import execution, task_runner
 from byoai.settings import Settings
 from byoai.summary import RunSummary
@@ -84,7 +85,9 @@ def mark_failed_in_mlflow(flow, flow_run, state) -> None:
     mark_flow_run_failed(uri, str(flow_run.id), f"{state.name}: {state.message or ''}")
 
 
-@flow(name="optimize", log_prints=True, on_failure=[mark_failed_in_mlflow], on_crashed=[mark_failed_in_mlflow], on_cancellation=[mark_failed_in_mlflow])
+# log_prints off in every flow: nothing of byoai prints, and libraries' prints are no run logs (dill,
+# under datasets, disassembles functions with print(): one log record per bytecode line).
+@flow(name="optimize", log_prints=False, on_failure=[mark_failed_in_mlflow], on_crashed=[mark_failed_in_mlflow], on_cancellation=[mark_failed_in_mlflow])
 def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str, str] | None = None) -> RunSummary:
     """`dispatch` (target -> `byoai-target` deployment, set by `byoai deploy`) sends those targets'
     builds and evaluations to their own work pools; the other targets are measured here."""
@@ -95,6 +98,7 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str
     parent = start_parent_run(recipe, uri, artifact_root, {
         "id": str(flow_run.id or ""), "name": str(flow_run.name or ""), "root_id": str(flow_run.root_flow_run_id or ""),
     })
+    progress.emit("started", detail=parent.run_id)
     decisions: list[dict] = []
     rows: list[dict] = []
     status = "FAILED"
@@ -142,10 +146,10 @@ def run_optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict
 def optimize_for(recipe: Recipe, settings: Settings):
     """The optimize flow configured for a recipe: its task runner, results under BYOAI_HOME."""
     runner = task_runner(execution(recipe.execution, settings))
-    return optimize.with_options(task_runner=runner, result_storage=Path(settings.results_dir()))
+    return optimize.with_options(task_runner=runner, **result_options(settings.results_dir()))
 
 
-@flow(name="byoai", log_prints=True, on_failure=[mark_failed_in_mlflow], on_crashed=[mark_failed_in_mlflow], on_cancellation=[mark_failed_in_mlflow])
+@flow(name="byoai", log_prints=False, on_failure=[mark_failed_in_mlflow], on_crashed=[mark_failed_in_mlflow], on_cancellation=[mark_failed_in_mlflow])
 def byoai_deployment(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str, str] | None = None) -> RunSummary:
     """Deployment entrypoint: `optimize` as a subflow, with the task runner the recipe asks for
     (a deployment loads its flow from source, so options set in the caller would not reach it)."""

@@ -8,18 +8,18 @@ candidates. Deployed per pool by `byoai deploy` (flows/deploy.py). Orchestration
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from prefect import flow
 
 from byoai.recipe import Recipe
+from byoai.results import SERIALIZER, result_options
 from byoai.runners import execution, task_runner
 from byoai.settings import Settings
 from byoai.flows.measure import TargetOutcome, measure_targets
 from byoai.tasks.tracking import RunRef
 
 
-@flow(name="measure-targets", log_prints=True)
+@flow(name="measure-targets", log_prints=False)
 def measure_on_this_pool(recipe: Recipe, targets: list[str], parent: RunRef) -> TargetOutcome:
     outcome = TargetOutcome()
     measure_targets(recipe, [t for t in recipe.targets if t.name in targets], parent, outcome)
@@ -29,10 +29,10 @@ def measure_on_this_pool(recipe: Recipe, targets: list[str], parent: RunRef) -> 
 # Its result is how the dispatching `optimize` run gets the candidates back: persisted (under
 # PREFECT_LOCAL_STORAGE_PATH, which `byoai deploy` sets to BYOAI_HOME's prefect-results; across
 # machines, a shared result storage such as S3 via PREFECT_DEFAULT_RESULT_STORAGE_BLOCK).
-@flow(name="byoai-target", log_prints=True, persist_result=True)
+@flow(name="byoai-target", log_prints=False, persist_result=True, result_serializer=SERIALIZER)
 def byoai_target(recipe: Recipe, targets: list[str], parent: RunRef) -> TargetOutcome:
     """Deployment entrypoint: measure_on_this_pool as a subflow with the recipe's task runner."""
     settings = Settings()
     runner = task_runner(execution(recipe.execution, settings))
-    configured = measure_on_this_pool.with_options(task_runner=runner, result_storage=Path(settings.results_dir()))
+    configured = measure_on_this_pool.with_options(task_runner=runner, **result_options(settings.results_dir()))
     return configured(recipe=recipe, targets=targets, parent=parent)

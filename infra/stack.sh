@@ -10,6 +10,14 @@
 # Settings (environment): BYOAI_STACK_DIR (default ./.byoai/stack), BYOAI_PG_PORT (55432),
 # BYOAI_PREFECT_PORT (4200), BYOAI_MLFLOW_PORT (5000), BYOAI_WORK_POOLS ("cpu"),
 # BYOAI_START_WORKER (1). Everything listens on 127.0.0.1 only.
+#
+# Authentication is on: the Prefect server requires its API auth string, the MLflow server runs
+# MLflow's basic-auth app (user `admin`; `worker`, who creates and writes runs, models and aliases;
+# `viewer`, who reads). Their secrets come from the environment (BYOAI_PREFECT_AUTH_STRING as
+# user:password, BYOAI_MLFLOW_ADMIN_PASSWORD, BYOAI_MLFLOW_WORKER_PASSWORD,
+# BYOAI_MLFLOW_VIEWER_PASSWORD) or are generated once into $BYOAI_STACK_DIR/secrets.env (mode 600).
+# `env` prints the worker's credentials for clients (MLFLOW_TRACKING_USERNAME/PASSWORD,
+# PREFECT_API_AUTH_STRING): keep that output out of logs.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 stack="${BYOAI_STACK_DIR:-$root/.byoai/stack}"
@@ -24,10 +32,38 @@ pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
 prefect_db="postgresql+asyncpg://byoai:byoai@127.0.0.1:$pg_port/prefect"
 mlflow_db="postgresql://byoai:byoai@127.0.0.1:$pg_port/mlflow"
 
+load_secrets() {
+  mkdir -p "$stack"
+  local file="$stack/secrets.env"
+  if [ ! -f "$file" ]; then
+    (umask 077
+     gen() { head -c 24 /dev/urandom | base64 | tr -d '/+=' ; }
+     {
+       echo "BYOAI_PREFECT_AUTH_STRING='${BYOAI_PREFECT_AUTH_STRING:-byoai:$(gen)}'"
+       echo "BYOAI_MLFLOW_ADMIN_PASSWORD='${BYOAI_MLFLOW_ADMIN_PASSWORD:-$(gen)}'"
+       echo "BYOAI_MLFLOW_WORKER_PASSWORD='${BYOAI_MLFLOW_WORKER_PASSWORD:-$(gen)}'"
+       echo "BYOAI_MLFLOW_VIEWER_PASSWORD='${BYOAI_MLFLOW_VIEWER_PASSWORD:-$(gen)}'"
+       echo "BYOAI_MLFLOW_SECRET_KEY='$(gen)'"
+     } >"$file")
+  fi
+  # shellcheck disable=SC1090
+  . "$file"
+}
+
 env_lines() {
+  load_secrets
   echo "export PREFECT_API_URL=http://127.0.0.1:$prefect_port/api"
+  echo "export PREFECT_API_AUTH_STRING='$BYOAI_PREFECT_AUTH_STRING'"
   echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$mlflow_port"
+  echo "export MLFLOW_TRACKING_USERNAME=worker MLFLOW_TRACKING_PASSWORD='$BYOAI_MLFLOW_WORKER_PASSWORD'"
   echo "export BYOAI_STACK_DIR=$stack"
+}
+
+mlflow_user() {  # name, password: created by the admin once (409 when it exists)
+  curl -sS -o /dev/null -w '%{http_code}' -u "admin:$BYOAI_MLFLOW_ADMIN_PASSWORD" -H 'Content-Type: application/json' \
+    -X POST "http://127.0.0.1:$mlflow_port/api/2.0/mlflow/users/create" \
+    -d "{\"username\": \"$1\", \"password\": \"$2\"}" | grep -Eq '^(200|409|400)$' || {
+    echo "could not create MLflow user $1; see $stack/mlflow.log" >&2; exit 1; }
 }
 
 as_postgres() {
@@ -80,18 +116,33 @@ start_postgres() {
 
 start() {
   mkdir -p "$stack"
+  load_secrets
   start_postgres
   PREFECT_API_DATABASE_CONNECTION_URL="$prefect_db" PREFECT_HOME="$stack/prefect-home" \
     PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL="http://127.0.0.1:$prefect_port/api" \
+    PREFECT_SERVER_API_AUTH_STRING="$BYOAI_PREFECT_AUTH_STRING" \
     start_bg prefect "$bin/prefect" server start --host 127.0.0.1 --port "$prefect_port"
+  cat >"$stack/mlflow-auth.ini" <<INI
+[mlflow]
+default_permission = READ
+database_uri = sqlite:///$stack/mlflow-auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+grant_default_workspace_access = false
+INI
   # --serve-artifacts: clients upload artifacts through the server (mlflow-artifacts:/ URIs), so a
   # worker elsewhere needs only the tracking URI. Production swaps the folder for S3 (see compose).
-  start_bg mlflow "$bin/mlflow" server --backend-store-uri "$mlflow_db" \
+  MLFLOW_AUTH_CONFIG_PATH="$stack/mlflow-auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD="$BYOAI_MLFLOW_ADMIN_PASSWORD" \
+    MLFLOW_FLASK_SERVER_SECRET_KEY="$BYOAI_MLFLOW_SECRET_KEY" \
+    start_bg mlflow "$bin/mlflow" server --app-name basic-auth --backend-store-uri "$mlflow_db" \
     --artifacts-destination "$stack/mlartifacts" --serve-artifacts \
     --host 127.0.0.1 --port "$mlflow_port" --workers 1
   wait_http "http://127.0.0.1:$prefect_port/api/health" prefect 120
   wait_http "http://127.0.0.1:$mlflow_port/health" mlflow 120
-  export PREFECT_API_URL="http://127.0.0.1:$prefect_port/api"
+  mlflow_user worker "$BYOAI_MLFLOW_WORKER_PASSWORD"
+  mlflow_user viewer "$BYOAI_MLFLOW_VIEWER_PASSWORD"
+  export PREFECT_API_URL="http://127.0.0.1:$prefect_port/api" PREFECT_API_AUTH_STRING="$BYOAI_PREFECT_AUTH_STRING"
+  export MLFLOW_TRACKING_USERNAME=worker MLFLOW_TRACKING_PASSWORD="$BYOAI_MLFLOW_WORKER_PASSWORD"
   for pool in $pools; do
     "$bin/prefect" work-pool inspect "$pool" >/dev/null 2>&1 ||
       "$bin/prefect" work-pool create "$pool" --type process >/dev/null

@@ -17,5 +17,8 @@ if [ "${BYOAI_TEST_STACK:-1}" = 1 ]; then
   # The stack's tests read these; everything else keeps its own (temporary) Prefect and MLflow.
   export BYOAI_STACK_PREFECT_API_URL="$PREFECT_API_URL" BYOAI_STACK_MLFLOW_URI="$MLFLOW_TRACKING_URI"
   unset PREFECT_API_URL MLFLOW_TRACKING_URI
+  # The credentials stay in the environment (the stack's tests use them; local stores ignore them);
+  # the viewer's password is for the test that checks what a read-only user may not do.
+  export BYOAI_MLFLOW_VIEWER_PASSWORD="$(. "$BYOAI_STACK_DIR/secrets.env"; echo "$BYOAI_MLFLOW_VIEWER_PASSWORD")"
 fi
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest "$@"

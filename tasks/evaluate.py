@@ -67,9 +67,7 @@ def measure_isolated(request: MeasureRequest, env: dict[str, str]) -> Measured:
         return Measured.model_validate_json(result_file.read_text())
 
 
-# log_prints off: dill (datasets' fingerprinting, under lm-eval) disassembles functions with
-# print() inside a stdout capture; the flow's log_prints would turn every line into a log record.
-@task(cache_policy=CACHED, persist_result=True, log_prints=False)
+@task(cache_policy=CACHED, persist_result=True)
 def evaluate_in_runtime(
     artifact: Artifact,
     target: TargetProfile,

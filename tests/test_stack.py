@@ -183,6 +183,50 @@ def test_a_target_on_another_pool_is_measured_by_that_pools_worker(write_recipe,
     assert sorted(s.split(":")[0] for s in sources) == ["mlflow-artifacts", "models"]
 
 
+def http_status(url: str, body: dict | None = None, auth: str | None = None) -> int:
+    """Status of a JSON request (POST with a body, else GET), with HTTP basic auth if given."""
+    import base64
+    import json
+    import urllib.error
+
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        return urllib.request.urlopen(request, timeout=30).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_servers_refuse_anonymous_requests_and_a_viewer_cannot_move_a_champion(on_stack, tmp_path):
+    import uuid
+
+    from mlflow import MlflowClient
+
+    api = f"{MLFLOW}/api/2.0/mlflow"
+    worker = f"worker:{os.environ['MLFLOW_TRACKING_PASSWORD']}"
+    viewer = f"viewer:{os.environ['BYOAI_MLFLOW_VIEWER_PASSWORD']}"
+    # anonymous: refused by both servers (their health probes stay open)
+    assert http_status(f"{api}/experiments/search", {"max_results": 1}) == 401
+    assert http_status(f"{PREFECT}/flow_runs/filter", {}) == 401
+    assert http_status(f"{PREFECT}/flow_runs/filter", {}, auth="nobody:wrong") == 401
+    assert http_status(f"{PREFECT}/flow_runs/filter", {}, auth=os.environ["PREFECT_API_AUTH_STRING"]) == 200
+    # the worker registers a model version (the client reads its credentials from the environment)
+    name = f"auth-check-{uuid.uuid4().hex[:8]}"
+    client = MlflowClient(MLFLOW, MLFLOW)
+    run = client.create_run(client.create_experiment(name))
+    (tmp_path / "weights.txt").write_text("w")
+    client.log_artifact(run.info.run_id, str(tmp_path / "weights.txt"), "model")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    alias = {"name": name, "alias": "champion-cpu-x86", "version": str(version.version)}
+    # the viewer reads it but may not choose what ships; the worker may
+    assert http_status(f"{api}/registered-models/get?name={name}", auth=viewer) == 200
+    assert http_status(f"{api}/registered-models/alias", alias, auth=viewer) == 403
+    assert http_status(f"{api}/registered-models/alias", alias) == 401
+    assert http_status(f"{api}/registered-models/alias", alias, auth=worker) == 200
+
+
 def browse_uis(flow_run, model_name: str) -> None:
     """Both UIs in Debian's Chromium, driven by Playwright: the run, its tasks, the champion alias."""
     from playwright.sync_api import sync_playwright
@@ -196,7 +240,17 @@ def browse_uis(flow_run, model_name: str) -> None:
             args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"],
         )
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # the MLflow UI asks for basic-auth credentials (the read-only user's); the Prefect UI
+        # shows its login page, where the auth string goes
+        context = browser.new_context(
+            viewport={"width": 1400, "height": 1000},
+            http_credentials={"username": "viewer", "password": os.environ["BYOAI_MLFLOW_VIEWER_PASSWORD"]},
+        )
+        page = context.new_page()
+        page.goto(ui)
+        page.locator("input[type=password]").first.fill(os.environ["PREFECT_API_AUTH_STRING"], timeout=60_000)
+        page.keyboard.press("Enter")
+        page.wait_for_function("() => window.localStorage.getItem('prefect-password') !== null", timeout=60_000)
         page.goto(f"{ui}/runs/flow-run/{run_id}")
         page.get_by_text("optimize").first.wait_for(timeout=60_000)
         page.get_by_text("Completed").first.wait_for(timeout=60_000)
