@@ -30,7 +30,7 @@ def test_run_prints_progress_and_results_and_logs_library_output_to_a_file(write
     for noise in ("METRIC", "compress_module_list", "LOAD_GLOBAL", "RESUME", "Traceback", "Finished in state", "telemetry"):
         assert noise not in out, noise
     log = Path(out.split("full log: ")[1].split()[0])
-    assert log.parent == workdir / ".byoai" / "logs" and "Finished in state" in log.read_text()
+    assert log.parent == workdir / ".byoai" / "logs" and "Creating initial MLflow database tables" in log.read_text()
     run_id = out.split("MLflow parent run ")[1].split(";")[0].split()[0]
     uri = f"sqlite:///{workdir / '.byoai' / 'mlflow.db'}"
     assert [a.path for a in MlflowClient(uri).list_artifacts(run_id, "logs")] == [f"logs/{log.name}"]
