@@ -3,14 +3,10 @@ pool its targets name, so one run measures each target on that target's own hard
 
 from __future__ import annotations
 
-from pathlib import Path
 from uuid import UUID
 
 from byoai.recipe import Recipe
 from byoai.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def target_deployment_name(recipe: Recipe, pool: str) -> str:
     return f"{recipe.name}-on-{pool}"
@@ -25,8 +21,8 @@ def deploy_recipe(
     The pool defaults to the first target's; the schedule to the recipe's `schedule`. Each other
     pool named by a target gets the deployment `byoai-target/<recipe>-on-<pool>` (no schedule: the
     optimize run starts it), and the optimize deployment's `dispatch` parameter sends those
-    targets there. Workers run the flows from this checkout (a process pool on this machine, or
-    the same image elsewhere).
+    targets there. Workers run the flows from their own install of byoai (a process pool on this
+    machine, or the worker image elsewhere).
     """
     from byoai.flows.optimize import byoai_deployment
     from byoai.flows.target import byoai_target
@@ -37,10 +33,10 @@ def deploy_recipe(
     dispatch = {}
     for other in sorted({t.work_pool for t in recipe.targets} - {pool}):
         name = target_deployment_name(recipe, other)
-        _deploy(byoai_target, "byoai.flows.target:byoai_target", name, other, None, {}, recipe, settings)
+        _deploy(byoai_target, name, other, None, {}, recipe, settings)
         dispatch.update({t.name: f"byoai-target/{name}" for t in recipe.targets if t.work_pool == other})
     deployment_id = _deploy(
-        byoai_deployment, "byoai.flows.optimize:byoai_deployment", recipe.name, pool,
+        byoai_deployment, recipe.name, pool,
         cron or (recipe.schedule.cron if recipe.schedule else None),
         {"recipe": recipe.model_dump(mode="json"), "tracking_uri": uri, "dispatch": dispatch},
         recipe, settings,
@@ -48,8 +44,12 @@ def deploy_recipe(
     return deployment_id, dispatch
 
 
-def _deploy(flow, entrypoint: str, name: str, pool: str, cron: str | None, parameters: dict, recipe: Recipe, settings: Settings) -> UUID:
-    return flow.from_source(source=str(ROOT), entrypoint=entrypoint).deploy(
+def _deploy(flow, name: str, pool: str, cron: str | None, parameters: dict, recipe: Recipe, settings: Settings) -> UUID:
+    """Register the deployment. Its entrypoint is the flow's module path in the installed byoai
+    (e.g. byoai.flows.optimize.byoai_deployment): a worker imports it from its own install."""
+    from prefect.deployments.runner import EntrypointType
+
+    return flow.to_deployment(
         name=name,
         work_pool_name=pool,
         cron=cron,
@@ -59,7 +59,5 @@ def _deploy(flow, entrypoint: str, name: str, pool: str, cron: str | None, param
         job_variables={"env": {"BYOAI_HOME": str(settings.resolved_home()), "PREFECT_LOCAL_STORAGE_PATH": str(settings.results_dir())}},
         tags=["byoai", *(t.name for t in recipe.targets)],
         description=recipe.description or f"byoai optimize for {recipe.name}",
-        build=False,
-        push=False,
-        print_next_steps=False,
-    )
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    ).apply(work_pool_name=pool)

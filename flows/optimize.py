@@ -62,7 +62,8 @@ def collect_dispatched(started: dict[str, tuple[list[str], Any]], recipe: Recipe
                 time.sleep(2)
                 run = client.read_flow_run(started_run.id)
         if run.state.is_completed():
-            outcome.merge(run.state.result())
+            # read back through the API the record holds the model as JSON data: validate it again
+            outcome.merge(TargetOutcome.model_validate(run.state.result()))
             continue
         reason = f"dispatched run {run.name} ({deployment}, pool {run.work_pool_name}) ended {run.state.name}: {run.state.message or ''}"
         if not run.state.is_final():

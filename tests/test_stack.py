@@ -164,8 +164,8 @@ def test_a_target_on_another_pool_is_measured_by_that_pools_worker(write_recipe,
     assert dispatched.state.name == "Completed" and dispatched.work_pool_name == "cpu-lab"
     on_lab = {r.name for r in task_runs(dispatched.id)}
     here = {r.name for r in task_runs(flow_run.id)}
-    assert {"evaluate-reference@cpu-lab", "evaluate-rtn-w4-g32@cpu-lab"} <= on_lab
-    assert "evaluate-rtn-w4-g32@cpu-x86" in here and not any(n.endswith("@cpu-lab") for n in here)
+    assert {"evaluate-reference@cpu-lab-transformers", "evaluate-rtn-w4-g32@cpu-lab-transformers"} <= on_lab
+    assert "evaluate-rtn-w4-g32@cpu-x86-transformers" in here and not any("@cpu-lab" in n for n in here)
 
     # one MLflow parent run holds both targets' child runs; each target has its champion
     client = mlflow()
