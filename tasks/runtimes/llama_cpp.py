@@ -349,25 +349,25 @@ class LlamaCppSession:
 
         return torch.from_numpy(np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(rows, self.n_vocab)).copy())
 
-    def logprobs(self, ids: list[int]):
-        """log-softmax rows [len(ids), vocab] of one sequence from an empty state."""
-        import torch
-
+    def sequence_logits(self, ids: list[int]):
+        """Logits [len(ids), vocab] of one sequence decoded from an empty state."""
         n = len(ids)
         self._context(max(n, self.latency_ctx), self.latency_seqs)
         self._clear()
         self._decode(ids, range(n), [0] * n, [1] * n)
-        return torch.log_softmax(self._logits(n).double(), dim=-1)
+        return self._logits(n)
+
+    def logprobs(self, ids: list[int]):
+        """log-softmax rows [len(ids), vocab] (lm-eval)."""
+        import torch
+
+        return torch.log_softmax(self.sequence_logits(ids).double(), dim=-1)
 
     def nll(self, window) -> float:
         import torch
 
-        ids = window.tolist()
-        n = len(ids)
-        self._context(max(n, self.latency_ctx), self.latency_seqs)
-        self._clear()
-        self._decode(ids, range(n), [0] * n, [1] * n)
-        return torch.nn.functional.cross_entropy(self._logits(n)[:-1].float(), window[1:], reduction="sum").item()
+        logits = self.sequence_logits(window.tolist())
+        return torch.nn.functional.cross_entropy(logits[:-1].float(), window[1:], reduction="sum").item()
 
     def prefill(self, prompts):
         batch, length = prompts.shape
