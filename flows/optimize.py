@@ -17,7 +17,7 @@ from byoai.capability import skip_reason
 from byoai.recipe import Recipe
 from byoai.results import result_options
 from byoai.runners import execution, task_runner
-from byoai.settings import Settings
+from byoai.settings import Settings, remote_code_policy
 from byoai.summary import RunSummary
 from byoai.flows.measure import TargetOutcome, measure_targets
 from byoai.tasks.promote import promote_champion
@@ -141,7 +141,9 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str
 def run_optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str, str] | None = None) -> RunSummary:
     """Run the flow with the recipe's task runner and task results persisted under BYOAI_HOME."""
     settings = Settings()
-    return optimize_for(recipe, settings)(recipe=recipe, tracking_uri=tracking_uri, dispatch=dispatch)
+    # Set before the task runner starts, so its worker processes inherit the recipe's choice.
+    with remote_code_policy(recipe.model.trust_remote_code):
+        return optimize_for(recipe, settings)(recipe=recipe, tracking_uri=tracking_uri, dispatch=dispatch)
 
 
 def optimize_for(recipe: Recipe, settings: Settings):

@@ -14,7 +14,7 @@ from prefect import flow
 from byoai.recipe import Recipe
 from byoai.results import SERIALIZER, result_options
 from byoai.runners import execution, task_runner
-from byoai.settings import Settings
+from byoai.settings import Settings, remote_code_policy
 from byoai.flows.measure import TargetOutcome, measure_targets
 from byoai.tasks.tracking import RunRef
 
@@ -35,4 +35,5 @@ def byoai_target(recipe: Recipe, targets: list[str], parent: RunRef) -> TargetOu
     settings = Settings()
     runner = task_runner(execution(recipe.execution, settings))
     configured = measure_on_this_pool.with_options(task_runner=runner, **result_options(settings.results_dir()))
-    return configured(recipe=recipe, targets=targets, parent=parent)
+    with remote_code_policy(recipe.model.trust_remote_code):
+        return configured(recipe=recipe, targets=targets, parent=parent)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from byoai.files import file_sha256
 from byoai.retry import retry_transient
 from byoai.recipe import BuiltinText, CalibrationSpec, FileText, HubDatasetText, PerplexitySpec, TextSource
+from byoai.settings import hf_load_kwargs
 from byoai.tasks.model import ModelRef
 
 CACHED = INPUTS + TASK_SOURCE
@@ -57,7 +58,7 @@ def tokenize(source: TextSource, model: ModelRef):
     import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model.path, **hf_load_kwargs())
     ids = tokenizer(load_text(source), return_tensors="pt", add_special_tokens=False).input_ids[0]
     return ids.to(torch.long)
 

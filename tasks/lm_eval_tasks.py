@@ -32,6 +32,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from byoai.recipes import RECIPES_DIR
+from byoai.settings import hf_load_kwargs
 
 SHIPPED_DIR = RECIPES_DIR / "lm_eval"
 DEFAULT_TASKS = ("byoai_pydoc_cloze",)
@@ -350,7 +351,7 @@ def evaluate_artifact_tasks(path: str | Path, target, spec: LmEvalSpec) -> dict[
     from byoai.tasks.runtimes.transformers import load_artifact
 
     model, _ = load_artifact(str(path), target.device, target.dtype)
-    return run_lm_eval(model, AutoTokenizer.from_pretrained(path), spec)
+    return run_lm_eval(model, AutoTokenizer.from_pretrained(path, **hf_load_kwargs()), spec)
 
 
 def random_baseline(spec: LmEvalSpec, tokenizer_dir: str | Path, seed: int = 0) -> dict[str, dict]:
@@ -363,7 +364,7 @@ def random_baseline(spec: LmEvalSpec, tokenizer_dir: str | Path, seed: int = 0) 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **hf_load_kwargs())
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

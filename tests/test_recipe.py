@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -112,11 +113,16 @@ def test_broken_inputs_fail_at_the_door_within_seconds(write_recipe, workdir, ti
     broken = workdir / "broken"
     shutil.copytree(tiny_model, broken)
     (broken / "config.json").write_text("{not json")
+    custom = workdir / "custom-code"
+    shutil.copytree(tiny_model, custom)
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
     (workdir / "empty.txt").write_text("\n  \n")
     (workdir / "short.txt").write_text("a few words only")
     cases = [
         ({"model": f"{{kind: gguf, path: {fake}}}"}, "model.path", "is not a GGUF file"),
         ({"model": f"{{kind: local, path: {broken}}}"}, "model.path", "config.json is not valid JSON"),
+        ({"model": f"{{kind: local, path: {custom}}}"}, "model", "trust_remote_code: true"),
         ({"calibration": "{source: {kind: file, path: empty.txt}, n_samples: 2, seq_len: 32}"}, "calibration.source.path", "is empty"),
         ({"calibration": "{source: {kind: file, path: short.txt}, n_samples: 2, seq_len: 32}"}, "calibration.source", "fewer than the 33 tokens one window needs (calibration.seq_len)"),
     ]
@@ -128,3 +134,21 @@ def test_broken_inputs_fail_at_the_door_within_seconds(write_recipe, workdir, ti
             assert field in result.output and message in result.output, result.output
         assert time.perf_counter() - started < 60  # no retries: the old behaviour waited 5 + 30 + 120 s
     assert not (workdir / ".byoai").exists()
+
+
+def test_remote_code_runs_only_when_the_recipe_says_so(write_recipe, workdir, tiny_model):
+    import shutil
+
+    from byoai.settings import hf_load_kwargs, remote_code_policy
+
+    custom = workdir / "custom-code"
+    shutil.copytree(tiny_model, custom)
+    config = json.loads((custom / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+    recipe = load_recipe(write_recipe(model=f"{{kind: local, path: {custom}, trust_remote_code: true}}"))
+    assert recipe.model.trust_remote_code is True
+    assert load_recipe(write_recipe()).model.trust_remote_code is False  # the embedded GGUF carries no code
+    assert hf_load_kwargs() == {"trust_remote_code": False}
+    with remote_code_policy(recipe.model.trust_remote_code):
+        assert hf_load_kwargs() == {"trust_remote_code": True}
+    assert hf_load_kwargs() == {"trust_remote_code": False}

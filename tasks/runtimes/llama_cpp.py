@@ -31,6 +31,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from byoai.files import atomic_folder, json_sha256
+from byoai.settings import hf_load_kwargs
 from byoai.tasks.runtimes.base import MeasureRequest, Runtime, RuntimeBuild, RuntimeUnavailable
 
 PACKAGE = "llama-cpp-python"
@@ -396,7 +397,7 @@ class LlamaCppSession:
 
         from byoai.tasks.lm_eval_tasks import LogitsLM
 
-        return LogitsLM(self.logprobs, AutoTokenizer.from_pretrained(self.tokenizer_path), max_length=2048)
+        return LogitsLM(self.logprobs, AutoTokenizer.from_pretrained(self.tokenizer_path, **hf_load_kwargs()), max_length=2048)
 
 
 def gguf_facts(path: Path) -> dict[str, object]:

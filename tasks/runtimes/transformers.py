@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from byoai.settings import hf_load_kwargs
 from byoai.tasks.runtimes.base import MeasureRequest, Runtime, RuntimeBuild
 
 
@@ -92,7 +93,7 @@ class TransformersSession:
         from lm_eval.models.huggingface import HFLM
         from transformers import AutoTokenizer
 
-        return HFLM(pretrained=self.model, tokenizer=AutoTokenizer.from_pretrained(self.path), batch_size=spec.batch_size)
+        return HFLM(pretrained=self.model, tokenizer=AutoTokenizer.from_pretrained(self.path, **hf_load_kwargs()), batch_size=spec.batch_size)
 
 
 def build(config: TransformersConfig, cache_dir: Path) -> RuntimeBuild:

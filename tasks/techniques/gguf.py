@@ -69,7 +69,9 @@ def calibration_text(model_dir: Path, calibration_ids) -> str:
     """The calibration windows as text: llama-imatrix tokenizes its input file itself."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    from byoai.settings import hf_load_kwargs
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, **hf_load_kwargs())
     return "\n".join(tokenizer.decode(row, skip_special_tokens=True) for row in calibration_ids.tolist())
 
 

@@ -20,6 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from byoai.settings import hf_load_kwargs
 from byoai.tasks.techniques import BuildInputs, BuildResult, TechniqueError, model_loading, probe_ids
 
 GENERATION_CONFIG = "generation_config.json"
@@ -98,7 +99,7 @@ def plain_input(inputs: BuildInputs, model, tokenizer):
 
     from byoai.tasks.techniques.io import load_kwargs, save_model
 
-    plain = getattr(AutoConfig.from_pretrained(inputs.model_dir), "quantization_config", None) is None
+    plain = getattr(AutoConfig.from_pretrained(inputs.model_dir, **hf_load_kwargs()), "quantization_config", None) is None
     if plain and not load_kwargs(inputs.model_dir):
         del model  # this frame lives as long as the block: hold no reference to the model
         yield inputs.model_dir
@@ -121,7 +122,7 @@ def build(inputs: BuildInputs, source: Path, tokenizer, quantize_config, *, dtyp
 
     with device_thread_pool():
         with model_loading():
-            quantizer = GPTQModel.load(str(source), quantize_config, device=inputs.device, dtype=dtype)
+            quantizer = GPTQModel.load(str(source), quantize_config, device=inputs.device, dtype=dtype, **hf_load_kwargs())
         # batch 1: the windows all have the same length, batching would only change peak memory
         quantizer.quantize(calibration_rows(inputs.calibration_ids), batch_size=1, backend=kernel or BACKEND.AUTO)
         quantizer.save(str(inputs.out_dir))
@@ -219,7 +220,7 @@ def reference_logits(folder: Path, ids, device: str) -> tuple[Any, str]:
         dense_dir = Path(scratch) / "dense"
         dequantize_model(folder, dense_dir, target_dtype=torch.float32)
         with model_loading():
-            dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, device_map=device).eval()
+            dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, device_map=device, **hf_load_kwargs()).eval()
         result = logits(dense, ids)
         del dense
     return result, "gptqmodel dequantized to dense float32"

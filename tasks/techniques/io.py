@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from byoai.settings import hf_load_kwargs
+
 LOAD_FILE = "byoai_load.json"
 
 
@@ -35,10 +37,10 @@ def load_model(model_dir: Path, **kwargs):
 
     from byoai.tasks.techniques import model_loading
 
-    kwargs = {"dtype": torch.float32, **load_kwargs(Path(model_dir)), **kwargs}
+    kwargs = {"dtype": torch.float32, **hf_load_kwargs(), **load_kwargs(Path(model_dir)), **kwargs}
     with model_loading():
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir, **hf_load_kwargs())
 
 
 def load_stage_input(model_dir: Path):
@@ -51,7 +53,7 @@ def load_stage_input(model_dir: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, **hf_load_kwargs())
     quantization = getattr(config, "quantization_config", None)
     if quantization is None and not load_kwargs(Path(model_dir)):
         return load_model(model_dir)
@@ -64,7 +66,7 @@ def load_stage_input(model_dir: Path):
             "put this quantization last in the chain"
         )
     loaded, tokenizer = load_model(model_dir, quantization_config=CompressedTensorsConfig(dequantize=True))
-    dense_config = AutoConfig.from_pretrained(model_dir)
+    dense_config = AutoConfig.from_pretrained(model_dir, **hf_load_kwargs())
     del dense_config.quantization_config
     from byoai.tasks.techniques import model_loading
 
