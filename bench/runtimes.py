@@ -8,9 +8,10 @@ ratios measured in that same run:
   - each variant's batch-1 decode over transformers fp32's, on the same target;
   - native build over portable build (cpu-x86 / cpu-x86-avx2), per GGUF variant;
   - decode over the bandwidth bound;
-and checks the issue's numbers: the best variant within +5 % ppl decodes >= 5x transformers fp32;
+the winning runtime per objective (overall and within +5 % ppl); and checks the issues' numbers: the best variant within +5 % ppl decodes >= 5x transformers fp32;
 llama.cpp f32 perplexity equals transformers fp32's within 0.1 %; imatrix makes q4_k_m, iq4_nl
-and q3_k_m no worse; the native build decodes faster than the portable one.
+and q3_k_m no worse; the native build decodes faster than the portable one; ONNX Runtime GenAI fp32 equals
+transformers fp32 within 0.1 % and its int8 is within 2 %.
 """
 
 from __future__ import annotations
@@ -74,12 +75,44 @@ def main(recipe_path: str) -> int:
             median = statistics.median(ratios)
             checks.append((f"native / portable llama.cpp decode, median over {len(ratios)} GGUF variants: {median:.3f}x "
                            f"[{min(ratios):.3f}-{max(ratios):.3f}] (> 1)", median > 1))
+        onnx_f32 = by.get(("onnx-fp32", target, "onnxruntime_genai"))
+        if fp32 and onnx_f32:
+            diff = abs(onnx_f32.ppl - fp32.ppl) / fp32.ppl * 100
+            checks.append((f"{target}: ONNX Runtime GenAI fp32 ppl {onnx_f32.ppl:.4f} vs transformers fp32 {fp32.ppl:.4f} ({diff:.3f} %, <= 0.1 %)", diff <= 0.1))
+        onnx_int8 = by.get(("onnx-int8", target, "onnxruntime_genai"))
+        if fp32 and onnx_int8:
+            checks.append((f"{target}: ONNX int8 ppl {onnx_int8.ppl_delta_pct:+.2f} % over transformers fp32 (<= 2 %)", onnx_int8.ppl_delta_pct <= 2))
     print()
+    winners(rows, targets)
     for text, ok in checks:
         print(("PASS " if ok else "MISS ") + text)
     for d in (d for d in summary.decisions if d["champion"]):
         print(f"champion-{d['target']}: {d['variant']} in {d['runtime']} (v{d['version']}): {d['reason']}")
     return 0
+
+
+def winners(rows, targets) -> None:
+    """Which runtime wins each objective on each target: overall and within +5 % perplexity."""
+    objectives = {
+        "lowest perplexity": (lambda r: r.ppl, False),
+        "smallest file": (lambda r: r.size_mb, False),
+        "fastest decode, batch 1": (lambda r: r.decode_tok_s, True),
+        "fastest decode, batch 4": (lambda r: r.profile.get("decode_tok_s.b4", 0.0), True),
+        "fastest time to first token (32-token prompt)": (lambda r: r.prefill_ms, False),
+        "lowest peak memory": (lambda r: r.profile.get("peak_mem_mb", float("inf")), False),
+    }
+    for target in targets:
+        mine = [r for r in rows if r.target == target]
+        for label, pool in (("", mine), (" within +5 % ppl", [r for r in mine if r.ppl_delta_pct <= 5])):
+            for objective, (key, high) in objectives.items():
+                if not pool or (objective == "lowest perplexity" and label):
+                    continue
+                pick = max if high else min
+                per_runtime = {rt: pick([r for r in pool if r.runtime == rt], key=key) for rt in {r.runtime for r in pool}}
+                others = ", ".join(f"{rt} {key(r):.4g} ({r.variant})" for rt, r in sorted(per_runtime.items()))
+                best = pick(pool, key=key)
+                print(f"WINNER {target}{label}: {objective}: {best.runtime} ({best.variant}); best per runtime: {others}")
+    print()
 
 
 if __name__ == "__main__":

@@ -395,7 +395,7 @@ class VariantSpec(_Strict):
         if not value:
             raise ValueError("give at least one stage")
         for i, stage in enumerate(value[:-1]):
-            output = TECHNIQUES[stage.technique].output_format
+            output = TECHNIQUES[stage.technique].output_of(stage.params)
             if output != "hf":
                 raise ValueError(f"[{i}]: {stage.technique} writes {output}, which no later stage can read: put it last")
         return value

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from byoai.log import step_logger
 from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from byoai.tasks.build import Artifact
+from byoai.tasks.techniques import REPORT_DIR
 from byoai.tasks.evaluate import Metrics, ppl_delta_pct
 from byoai.tasks.lm_eval_tasks import mlflow_metrics, recovery
 from byoai.tasks.runtimes import RuntimeBuild
@@ -179,6 +180,9 @@ def log_variant_run(
         params={"build_device": artifact.build_device, "format": artifact.format, **facts, **_runtime_params(build)},
         metrics={**_metrics(metrics, reference), "build_s": sum(stage.build_s for stage in stages)},
     )
+    report = Path(artifact.path) / REPORT_DIR
+    if report.is_dir():
+        mlflow.log_artifacts(run_id, str(report), artifact_path=REPORT_DIR)
     mlflow.set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -256,7 +260,12 @@ def register_variant(
         first = min(same_artifact, key=lambda v: int(v.version))
         source, source_run = f"models:/{recipe_name}/{first.version}", None
     else:
-        mlflow.log_artifacts(run_id, artifact.path, artifact_path="model")
+        # the model as it ships: a technique's report/ goes to the evaluation run instead
+        for item in sorted(Path(artifact.path).iterdir()):
+            if item.is_dir() and item.name != REPORT_DIR:
+                mlflow.log_artifacts(run_id, str(item), artifact_path=f"model/{item.name}")
+            elif item.is_file():
+                mlflow.log_artifact(run_id, str(item), artifact_path="model")
         source, source_run = f"{mlflow.get_run(run_id).info.artifact_uri}/model", run_id
     version = mlflow.create_model_version(
         recipe_name,

@@ -170,4 +170,4 @@ def test_the_capability_matrix_shows_the_runtimes():
     result = CliRunner().invoke(app, ["techniques"])
     assert result.exit_code == 0
     assert "gguf" in result.output and "llama_cpp" in result.output and "cpu-x86-avx2" in result.output
-    assert set(RUNTIMES) == {"transformers", "llama_cpp"}
+    assert {"transformers", "llama_cpp"} <= set(RUNTIMES)

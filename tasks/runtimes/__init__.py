@@ -3,7 +3,7 @@
 A runtime loads an artifact on a target and measures it by the shared protocol
 (tasks.runtimes.protocol); a target profile lists the runtimes it ships in and how each is built
 (`runtimes: {transformers: {}, llama_cpp: {cmake_args: [...]}}`). Every artifact has a format
-(`hf`, `gguf`); a variant is measured on each of its target's runtimes that runs its format.
+(`hf`, `gguf`, `onnx`); a variant is measured on each of its target's runtimes that runs its format.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from byoai.tasks.runtimes.base import Measured, MeasureRequest, Runtime, Runtime
 _MODULES = (
     "transformers",
     "llama_cpp",
+    "onnxruntime_genai",
 )
 
 RUNTIMES: dict[str, Runtime] = {

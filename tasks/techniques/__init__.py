@@ -30,6 +30,11 @@ class BuildInputs:
     base_model_dir: Path  # the recipe's base model (e.g. the teacher for distillation)
 
 
+# A folder in a technique's output with what it wants shown, not shipped (tables, plots): logged
+# to the variant's MLflow run, left out of the registered model.
+REPORT_DIR = "report"
+
+
 @dataclass(frozen=True)
 class BuildResult:
     model_dir: Path
@@ -54,8 +59,15 @@ class Technique:
     # Devices the technique can build on and whose output runs there.
     devices: frozenset[str]
     needs_calibration: bool
-    # The format of its output; a stage whose output is not "hf" ends a chain.
-    output_format: str = "hf"
+    # The format of its output ("hf", "gguf", "onnx"), or a function of its config for a technique
+    # that writes either; a stage whose output is not "hf" ends a chain.
+    output_format: str | Callable[[Any], str] = "hf"
+
+    def output_of(self, params: dict[str, Any]) -> str:
+        """The format a stage with these (validated) params writes."""
+        if callable(self.output_format):
+            return self.output_format(self.config.model_validate(params))
+        return self.output_format
 
 
 _BUILD_LOCK = threading.Lock()
@@ -105,6 +117,11 @@ _MODULES = (
     "bnb",
     "int8_cpu",
     "gguf",
+    "onnx",
+    "onnx_static",
+    "gguf_mixed",
+    "qat",
+    "autoround",
 )
 
 TECHNIQUES: dict[str, Technique] = {

@@ -44,12 +44,15 @@ def distillation_loss(student_out, teacher_out, config: DistillConfig):
     return loss
 
 
-def run(inputs: BuildInputs) -> BuildResult:
+def distill(inputs: BuildInputs, config: DistillConfig, prepare=None):
+    """Train the stage input against the base model; return (student, tokenizer, facts).
+
+    `prepare(student)` changes the student before training (e.g. quantization-aware training
+    puts its weights behind a fake quantizer)."""
     import torch
 
-    from byoai.tasks.techniques.io import load_model, load_stage_input, saved
+    from byoai.tasks.techniques.io import load_model, load_stage_input
 
-    config: DistillConfig = inputs.config
     student, tokenizer = load_stage_input(inputs.model_dir)
     teacher, _ = load_model(inputs.base_model_dir)
     if student.config.vocab_size != teacher.config.vocab_size:
@@ -60,6 +63,8 @@ def run(inputs: BuildInputs) -> BuildResult:
         )
     if config.hidden_weight and student.config.hidden_size != teacher.config.hidden_size:
         raise TechniqueError("params.hidden_weight needs equal hidden sizes; set it to 0 for this student")
+    if prepare is not None:
+        prepare(student)
     device = torch.device(inputs.device)
     student.to(device).train()
     teacher.to(device).eval()
@@ -85,20 +90,25 @@ def run(inputs: BuildInputs) -> BuildResult:
 
     student.eval()
     head = max(1, len(losses) // 5)  # mean of the first and last fifth: one step is too noisy
-    return saved(
-        student, tokenizer, inputs,
-        facts={
-            "format": "safetensors",
-            "library": f"torch {version('torch')}",
-            "teacher": str(inputs.base_model_dir),
-            "student_layers": student.config.num_hidden_layers,
-            "teacher_layers": teacher.config.num_hidden_layers,
-            "loss_start": sum(losses[:head]) / head,
-            "loss_end": sum(losses[-head:]) / head,
-            "train_s": round(train_s, 2),
-            "tokens_seen": config.steps * config.batch_size * windows.shape[1],
-        },
-    )
+    facts = {
+        "format": "safetensors",
+        "library": f"torch {version('torch')}",
+        "teacher": str(inputs.base_model_dir),
+        "student_layers": student.config.num_hidden_layers,
+        "teacher_layers": teacher.config.num_hidden_layers,
+        "loss_start": sum(losses[:head]) / head,
+        "loss_end": sum(losses[-head:]) / head,
+        "train_s": round(train_s, 2),
+        "tokens_seen": config.steps * config.batch_size * windows.shape[1],
+    }
+    return student, tokenizer, facts
+
+
+def run(inputs: BuildInputs) -> BuildResult:
+    from byoai.tasks.techniques.io import saved
+
+    student, tokenizer, facts = distill(inputs, inputs.config)
+    return saved(student, tokenizer, inputs, facts=facts)
 
 
 TECHNIQUE = Technique(

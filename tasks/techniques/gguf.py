@@ -81,21 +81,25 @@ def input_quantization(model_dir: Path) -> str | None:
     return quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else None
 
 
-def run(inputs: BuildInputs) -> BuildResult:
+def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: str, per_tensor=None) -> dict[str, object]:
+    """Convert the stage input, optionally compute the imatrix, quantize; return the facts.
+
+    `per_tensor(f32_gguf, work_dir) -> (tensor_type_file, facts)` lets a technique choose a type
+    per tensor (llama-quantize's --tensor-type-file) once the f32 file exists.
+    """
     from byoai.settings import Settings
     from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, LlamaCppConfig, build, gguf_facts, llama_cpp_commit, source, tool
 
-    config: GgufConfig = inputs.config
     if not (inputs.model_dir / "config.json").is_file():
         raise TechniqueError(f"gguf converts a save_pretrained folder; {inputs.model_dir} is not one (put gguf last in a chain)")
     cache = Settings().cache_dir.expanduser().resolve()
-    src = source(config.version, cache)
-    tools = build(LlamaCppConfig(version=config.version), cache)  # this worker's native build
+    src = source(version, cache)
+    tools = build(LlamaCppConfig(version=version), cache)  # this worker's native build
     threads = str(os.cpu_count() or 1)
     facts: dict[str, object] = {
-        "format": "gguf", "quant_type": config.quant_type, "imatrix": config.imatrix,
-        "converter": f"convert_hf_to_gguf.py, llama.cpp {llama_cpp_commit(src)} (llama-cpp-python {config.version} sdist)",
-        "llama_cpp_python": config.version,
+        "format": "gguf", "quant_type": quant_type, "imatrix": imatrix,
+        "converter": f"convert_hf_to_gguf.py, llama.cpp {llama_cpp_commit(src)} (llama-cpp-python {version} sdist)",
+        "llama_cpp_python": version,
     }
     if (method := input_quantization(inputs.model_dir)) is not None:
         facts["requantized_from"] = f"{method}: the converter dequantized the input, llama-quantize re-quantized it"
@@ -104,7 +108,7 @@ def run(inputs: BuildInputs) -> BuildResult:
         f32 = Path(work) / "model-f32.gguf"
         convert(inputs.model_dir, f32, src)
         args = []
-        if config.imatrix:
+        if imatrix:
             n_samples, seq_len = inputs.calibration_ids.shape
             if n_samples < 2:
                 raise TechniqueError("imatrix needs at least 2 calibration windows (calibration.n_samples >= 2)")
@@ -115,14 +119,23 @@ def run(inputs: BuildInputs) -> BuildResult:
                  "--chunks", str(n_samples), "-t", threads, "--no-ppl")
             args = ["--imatrix", str(matrix)]
             facts["imatrix_tokens"] = n_samples * seq_len
-        if config.quant_type == "f32":
+        if per_tensor is not None:
+            type_file, chosen = per_tensor(f32, Path(work))
+            args += ["--tensor-type-file", str(type_file)]
+            facts |= chosen
+        if quant_type == "f32":
             shutil.move(f32, out)
         else:
-            tool(tools, "llama-quantize", *args, str(f32), str(out), QUANT_TYPES[config.quant_type], threads)
+            tool(tools, "llama-quantize", *args, str(f32), str(out), QUANT_TYPES[quant_type], threads)
     for name in TOKENIZER_FILES:
         if (inputs.model_dir / name).is_file():
             shutil.copy2(inputs.model_dir / name, inputs.out_dir / name)
-    facts |= gguf_facts(out)
+    return facts | gguf_facts(out)
+
+
+def run(inputs: BuildInputs) -> BuildResult:
+    config: GgufConfig = inputs.config
+    facts = export_gguf(inputs, config.quant_type, config.imatrix, config.version)
     return BuildResult(model_dir=inputs.out_dir, facts=facts, format="gguf")
 
 
