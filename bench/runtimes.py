@@ -1,7 +1,7 @@
 """Runtimes benchmark: every variant measured in the runtime it ships in, in one flow run.
 
     python bench/runtimes.py [RECIPE]        (default: bench/recipes/smollm2-runtimes.yaml)
-    python bench/runtimes.py --quick         (bench/recipes/quick.yaml: what CI runs, ~1 min)
+    python bench/runtimes.py --quick         (bench/recipes/quick-runtimes.yaml: what CI runs, ~2 min)
 
 Runs the recipe (a real `byoai run`: Prefect, MLflow, registry) and prints the table and the
 ratios measured in that same run:
@@ -117,5 +117,5 @@ def winners(rows, targets) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--quick"]
-    default = "quick.yaml" if "--quick" in sys.argv[1:] else "smollm2-runtimes.yaml"
+    default = "quick-runtimes.yaml" if "--quick" in sys.argv[1:] else "smollm2-runtimes.yaml"
     sys.exit(main(args[0] if args else str(ROOT / "bench" / "recipes" / default)))

@@ -29,9 +29,14 @@ class ResultRow(BaseModel):
     version: str | None = None
     run_id: str | None = None
     reason: str = ""
+    # a technique's own prediction of its loss (gguf_mixed: summed per-tensor KL), beside the measured ppl
+    predicted_loss: float | None = None
 
     @classmethod
-    def measured(cls, variant: str, technique: str, target: str, metrics, ppl_delta_pct: float, version: str | None, run_id: str, note: str = "") -> ResultRow:
+    def measured(
+        cls, variant: str, technique: str, target: str, metrics, ppl_delta_pct: float, version: str | None, run_id: str,
+        note: str = "", predicted_loss: float | None = None,
+    ) -> ResultRow:
         """The row of a finished measurement (tasks.evaluate.Metrics)."""
         return cls(
             variant=variant, technique=technique, target=target, status="finished", runtime=metrics.runtime,
@@ -39,6 +44,7 @@ class ResultRow(BaseModel):
             load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
             task_scores={task: score["value"] for task, score in metrics.tasks.items()},
             profile=metrics.profile, device=metrics.device, version=version, run_id=run_id, reason=note,
+            predicted_loss=predicted_loss,
         )
 
 

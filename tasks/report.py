@@ -18,7 +18,7 @@ from byoai.tasks.tracking import RunRef, client
 
 _RESULT_COLUMNS = [
     ("variant", "variant", None), ("target", "target", None), ("runtime", "runtime", None), ("status", "status", None),
-    ("ppl", "ppl", ".3f"), ("ppl_delta_pct", "Δppl %", "+.2f"), ("size_mb", "size MB", ".1f"),
+    ("ppl", "ppl", ".3f"), ("ppl_delta_pct", "Δppl %", "+.2f"), ("predicted_loss", "predicted KL", ".4g"), ("size_mb", "size MB", ".1f"),
     ("load_s", "load s", ".2f"), ("prefill_ms", "prefill ms", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
     ("task_scores", "tasks", None), ("version", "version", None), ("reason", "note", None),
 ]
@@ -28,6 +28,12 @@ _DECISION_COLUMNS = [
     ("min_task_recovery", "task recovery", ".3f"), ("gate", "gate", None), ("pareto", "Pareto", None),
     ("champion", "champion", None), ("reason", "why", None),
 ]
+
+
+def _result_columns(results: list[dict[str, Any]]):
+    """The variants table's columns; a technique's predicted loss only where one predicted it."""
+    predicted = any(r.get("predicted_loss") is not None for r in results)
+    return [c for c in _RESULT_COLUMNS if c[0] != "predicted_loss" or predicted]
 
 
 def _cell(value: Any, spec: str | None) -> str:
@@ -106,7 +112,7 @@ def render_markdown(name: str, results: list[dict[str, Any]], decisions: list[di
         f"### {target}\n\n{device}\n\n{_markdown_table(rows, columns)}\n" for target, device, rows, columns in profile_tables(results)
     )
     return (
-        f"# byoai report: {name}\n\n## Variants x targets\n\n{_markdown_table(results, _RESULT_COLUMNS)}\n"
+        f"# byoai report: {name}\n\n## Variants x targets\n\n{_markdown_table(results, _result_columns(results))}\n"
         f"## Selection\n\n{_markdown_table(decisions, _DECISION_COLUMNS)}\n{champions_line(decisions)}\n{images}"
         + (f"\n## Performance profile (median [min–max])\n\n{profiles}" if profiles else "")
     )
@@ -117,7 +123,7 @@ def render_html(name: str, results: list[dict[str, Any]], decisions: list[dict[s
     style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>byoai report: {html.escape(name)}</title><style>{style}</style></head>"
-        f"<body><h1>byoai report: {html.escape(name)}</h1><h2>Variants x targets</h2>{_html_table(results, _RESULT_COLUMNS)}"
+        f"<body><h1>byoai report: {html.escape(name)}</h1><h2>Variants x targets</h2>{_html_table(results, _result_columns(results))}"
         f"<h2>Selection</h2>{_html_table(decisions, _DECISION_COLUMNS)}<p>{html.escape(champions_line(decisions))}</p>{images}"
         + "".join(
             f"<h2>Performance profile: {html.escape(target)} (median [min–max])</h2><p>{html.escape(device)}</p>{_html_table(rows, columns)}"

@@ -58,7 +58,8 @@ def test_outside_the_repository_only_byoai_imports_and_byoai_run_works(installed
 @pytest.mark.slow
 @pytest.mark.parametrize("script, expect", [
     ("bench/orchestration.py", ["pipeline / plain", "warm / cold"]),
-    ("bench/runtimes.py", ["× transformers fp32", "llama.cpp f32 ppl", "champion-cpu-x86"]),
+    ("bench/runtimes.py", ["× transformers fp32", "llama.cpp f32 ppl", "WINNER cpu-x86: fastest decode", "onnxruntime_genai", "champion-cpu-x86"]),
+    ("bench/quality_per_byte.py", ["| mixed-at-q4_0 | gguf_mixed |", "| qat-q4_0 | qat+gguf |", "| autoround-q4_0 | autoround |", "at or below q4_0's size"]),
 ])
 def test_bench_scripts_run_in_quick_mode(script, expect, tmp_path):
     env = os.environ | {"BYOAI_HOME": str(tmp_path / ".byoai")}
@@ -67,3 +68,9 @@ def test_bench_scripts_run_in_quick_mode(script, expect, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for text in expect:
         assert text in done.stdout, done.stdout[-3000:]
+
+
+def test_every_bench_script_has_a_quick_mode_run_above():
+    scripts = {str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py") if p.name != "plain_demo.py"}
+    source = Path(__file__).read_text()
+    assert all(f'("{script}", [' in source for script in scripts), scripts

@@ -35,6 +35,14 @@ def test_the_mixed_file_respects_its_budget_and_writes_the_chosen_types(gguf_ben
     table = (Path(mixed.path) / "report" / "sensitivity.csv").read_text().splitlines()
     assert table[0].startswith("tensor,n_elements,kl_q4_0") and len(table) == len(chosen) + 1
     assert (Path(mixed.path) / "report" / "sensitivity.png").stat().st_size > 1000
+    # another budget reuses the sensitivity table measured for the first (most of the cost)
+    cached = list((Path(mixed.path).parent / "gguf_mixed-sensitivity").glob("*.json"))
+    assert len(cached) == 1 and set(json.loads(cached[0].read_text())["token_embd.weight"]) == {"q4_0", "q5_0", "q8_0"}
+    by_bits = gguf_bench.build("gguf_mixed", {"bits_per_weight": 6.0, "candidates": ["q4_0", "q8_0"], "windows": 2})
+    assert by_bits.facts["budget"] == "bits_per_weight = 6" and len(cached) == len(list(cached[0].parent.glob("*.json")))
+    # the exact measure (one pass per tensor x type) also writes a file within the budget
+    exact = gguf_bench.build("gguf_mixed", {"max_size_mb": budget, "candidates": ["q4_0", "q8_0"], "windows": 2, "measure": "kl"})
+    assert exact.facts["sensitivity"] == "kl" and exact.facts["gguf_mb"] <= budget
     in_llama = gguf_bench.evaluate(mixed, runtime="llama_cpp")
     assert in_llama.runtime == "llama_cpp" and in_llama.ppl > 0
 

@@ -67,6 +67,9 @@ def test_imatrix_changes_the_low_bit_file(gguf_bench):
     assert any("ffn" in name or "attn" in name for name in changed), changed
     # hidden 256: the K-quants apply to the layers' rows
     assert "Q4_K" in json.loads(plain.facts["tensor_types"])
+    # the importance matrix is computed once per model and windows: another type reuses it
+    gguf_bench.build("gguf", {"quant_type": "q4_0", "imatrix": True})
+    assert len(list((Path(weighted.path).parent / "gguf-imatrix").glob("*.gguf"))) == 1
 
 
 def test_a_chain_ending_in_gguf_requantizes_a_quantized_stage(gguf_bench):

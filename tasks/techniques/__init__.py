@@ -97,6 +97,12 @@ def model_loading() -> threading.RLock:
     return _LOADING_LOCK
 
 
+def error_line(stderr: str) -> str:
+    """The line of a failed tool's stderr that says what went wrong (its last error, else its last line)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+
+
 def probe_ids(calibration_ids):
     """A fixed small input for comparing a model before and after a save/reload round trip."""
     return calibration_ids[:2, :64]

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, error_line
 
 # recipe name -> llama-quantize's type name
 QUANT_TYPES = {
@@ -60,9 +60,7 @@ def convert(model_dir: Path, out_file: Path, src: Path) -> None:
         capture_output=True, text=True, env=env,
     )
     if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        last = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
-        raise TechniqueError(f"llama.cpp's converter (convert_hf_to_gguf.py) cannot convert this model: {last.strip()}")
+        raise TechniqueError(f"llama.cpp's converter (convert_hf_to_gguf.py) cannot convert this model: {error_line(done.stderr)}")
 
 
 def calibration_text(model_dir: Path, calibration_ids) -> str:
@@ -87,6 +85,7 @@ def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: st
     `per_tensor(f32_gguf, work_dir) -> (tensor_type_file, facts)` lets a technique choose a type
     per tensor (llama-quantize's --tensor-type-file) once the f32 file exists.
     """
+    from byoai.files import folder_sha256, json_sha256
     from byoai.settings import Settings
     from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, LlamaCppConfig, build, gguf_facts, llama_cpp_commit, source, tool
 
@@ -112,11 +111,18 @@ def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: st
             n_samples, seq_len = inputs.calibration_ids.shape
             if n_samples < 2:
                 raise TechniqueError("imatrix needs at least 2 calibration windows (calibration.n_samples >= 2)")
-            text = Path(work) / "calibration.txt"
-            text.write_text(calibration_text(inputs.model_dir, inputs.calibration_ids))
-            matrix = Path(work) / "imatrix.gguf"
-            tool(tools, "llama-imatrix", "-m", str(f32), "-f", str(text), "-o", str(matrix), "-c", str(seq_len),
-                 "--chunks", str(n_samples), "-t", threads, "--no-ppl")
+            # one importance matrix per (model content, windows, llama.cpp): every type reuses it
+            key = json_sha256({"model": folder_sha256(inputs.model_dir), "windows": inputs.calibration_ids.tolist(), "version": version})
+            matrix = inputs.out_dir.parent / "gguf-imatrix" / f"{key[:24]}.gguf"
+            if not matrix.is_file():
+                text = Path(work) / "calibration.txt"
+                text.write_text(calibration_text(inputs.model_dir, inputs.calibration_ids))
+                partial = Path(work) / "imatrix.gguf"
+                tool(tools, "llama-imatrix", "-m", str(f32), "-f", str(text), "-o", str(partial), "-c", str(seq_len),
+                     "--chunks", str(n_samples), "-t", threads, "--no-ppl")
+                matrix.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(partial, matrix.with_suffix(f".{os.getpid()}.tmp"))
+                matrix.with_suffix(f".{os.getpid()}.tmp").replace(matrix)
             args = ["--imatrix", str(matrix)]
             facts["imatrix_tokens"] = n_samples * seq_len
         if per_tensor is not None:

@@ -1,15 +1,20 @@
 """GGUF with a quantization type per tensor, chosen for the least predicted loss under a size budget.
 
-1. Sensitivity: on the recipe's calibration windows, each weight tensor is quantized alone to each
-   candidate type with llama.cpp's reference rounding (gguf-py's quantizer, the same arithmetic as
-   `llama-quantize` without an imatrix) and the KL divergence of the model's next-token
-   distribution from the unquantized one is measured (mean per token).
+1. Sensitivity: the KL divergence of the model's next-token distribution from the unquantized
+   one (per token) when only that tensor is rounded to a candidate type with llama.cpp's
+   reference rounding (gguf-py's quantizer, the same arithmetic as `llama-quantize` without an
+   imatrix), on the recipe's calibration windows. `measure: fisher` (default) predicts it to
+   second order, 1/2 sum F (w - q(w))^2, with the diagonal Fisher information F estimated from
+   gradients of the log-likelihood of tokens sampled from the model itself (the Hessian of that
+   KL at the unquantized weights): one backward pass per window for all tensors and types.
+   `measure: kl` runs the model once per tensor x type instead (exact, for small models).
 2. Choice: the types that minimize the summed KL within `max_size_mb` (the file) or
    `bits_per_weight` (over the quantized tensors): a multiple-choice knapsack, solved exactly by
    dynamic programming over the budget in 4,000 steps, each type's size rounded up (never over).
 3. The file: llama.cpp's own converter and `llama-quantize --tensor-type-file` (tasks.techniques.gguf).
 
-The sensitivity table, the chosen types and a plot are kept in the artifact's `report/` folder
+The sensitivity table is cached per model content and windows (beside the variants), so budgets
+and candidate lists are tried for the cost of the knapsack. The table, the chosen types and a plot are kept in the artifact's `report/` folder
 (logged to the variant's MLflow run, not shipped with the model).
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -36,8 +42,9 @@ class GgufMixedConfig(BaseModel):
     # the budget: one of the two
     max_size_mb: float | None = Field(default=None, gt=0)
     bits_per_weight: float | None = Field(default=None, gt=0, le=16)
-    # calibration windows the sensitivity is measured on (each tensor x type is one pass over them)
-    windows: int = Field(default=4, ge=1)
+    # how sensitivity is measured (see above), on this many calibration windows
+    measure: Literal["fisher", "kl"] = "fisher"
+    windows: int = Field(default=8, ge=1)
     imatrix: bool = False
     version: str = Field(default="0.3.36", pattern=r"^\d+\.\d+\.\d+$")
 
@@ -90,8 +97,34 @@ def quantizable(model) -> dict[str, object]:
     return found
 
 
+def fisher_sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Predicted KL per token for every tensor x type: 1/2 sum F (w - q(w))^2, F the diagonal
+    Fisher information per token (squared gradients of the log-likelihood of sampled tokens)."""
+    import torch
+
+    names = list(tensors)
+    fisher = {name: torch.zeros_like(tensors[name], dtype=torch.float32) for name in names}
+    generator = torch.Generator().manual_seed(0)
+    for row in windows:
+        logits = model(row[None]).logits.float()
+        with torch.no_grad():
+            sampled = torch.multinomial(torch.softmax(logits[0], -1), 1, generator=generator)[:, 0]
+        loglik = torch.log_softmax(logits[0], -1).gather(-1, sampled[:, None]).sum()
+        for name, grad in zip(names, torch.autograd.grad(loglik, [tensors[n] for n in names])):
+            fisher[name] += grad.float() ** 2
+    tokens = windows.shape[0] * windows.shape[1]
+    table: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for name in names:
+            weight = tensors[name].detach().float()
+            if weight.shape[-1] % 32:
+                raise TechniqueError(f"gguf_mixed: {name} has rows of {weight.shape[-1]}, not a multiple of 32 (the candidates' block)")
+            table[name] = {t: 0.5 * (fisher[name] * (reference_roundtrip(weight, t) - weight) ** 2).sum().item() / tokens for t in candidates}
+    return table
+
+
 def sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """KL(unquantized || one tensor quantized) per token, for every tensor x candidate type."""
+    """KL(unquantized || one tensor quantized) per token, measured, for every tensor x candidate type."""
     import torch
 
     with torch.inference_mode():
@@ -109,6 +142,27 @@ def sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[st
                 table[name][quant_type] = max(0.0, (base_p * (base - logq)).sum(-1).mean().item())
             weight.data.copy_(original)
     return table
+
+
+def cached_sensitivity(model, inputs: BuildInputs, tensors: dict[str, object], config: GgufMixedConfig) -> dict[str, dict[str, float]]:
+    """The sensitivity table, measured once per (model content, windows) and type: variants with
+    other budgets or candidate lists reuse it (it is most of this technique's cost)."""
+    from byoai.files import folder_sha256, json_sha256
+
+    windows = inputs.calibration_ids[: config.windows]
+    key = json_sha256({"model": folder_sha256(inputs.model_dir), "windows": windows.tolist(), "measure": f"{config.measure}-v1"})
+    cache = inputs.out_dir.parent / "gguf_mixed-sensitivity" / f"{key[:24]}.json"
+    table: dict[str, dict[str, float]] = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = tuple(t for t in config.candidates if any(t not in table.get(name, {}) for name in tensors))
+    if missing:
+        measure = fisher_sensitivity if config.measure == "fisher" else sensitivity
+        for name, row in measure(model, windows, tensors, missing).items():
+            table.setdefault(name, {}).update(row)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(table))
+        partial.replace(cache)
+    return {name: {t: table[name][t] for t in config.candidates} for name in tensors}
 
 
 def choose(costs: list[list[tuple[int, float]]], budget: int) -> list[int] | None:
@@ -178,7 +232,7 @@ def run(inputs: BuildInputs) -> BuildResult:
     config: GgufMixedConfig = inputs.config
     model, _ = load_stage_input(inputs.model_dir)
     tensors = quantizable(model)
-    table = sensitivity(model, inputs.calibration_ids[: config.windows], tensors, config.candidates)
+    table = cached_sensitivity(model, inputs, tensors, config)
     sizes = {name: int(weight.numel()) for name, weight in tensors.items()}
     del model
 
@@ -211,7 +265,8 @@ def run(inputs: BuildInputs) -> BuildResult:
         return type_file, {
             "predicted_kl": round(sum(table[n][chosen[n]] for n in names), 6), **uniform,
             "chosen_types": json.dumps(dict(sorted(counts.items()))),
-            "budget": field.removeprefix("params."), "sensitivity_windows": int(min(config.windows, inputs.calibration_ids.shape[0])),
+            "budget": field.removeprefix("params."), "sensitivity": config.measure,
+            "sensitivity_windows": int(min(config.windows, inputs.calibration_ids.shape[0])),
             "candidates": ",".join(config.candidates),
         }
 
@@ -223,7 +278,7 @@ def run(inputs: BuildInputs) -> BuildResult:
 
 TECHNIQUE = Technique(
     name="gguf_mixed",
-    summary="GGUF with a llama.cpp type per tensor, chosen by measured sensitivity (KL) under a size or bits budget",
+    summary="GGUF with a llama.cpp type per tensor, chosen by sensitivity (Fisher-predicted or measured KL) under a size or bits budget",
     config=GgufMixedConfig,
     run=run,
     devices=frozenset({"cpu", "cuda"}),

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, error_line
 
 # what the builder reads as it is: a dense folder, or these checkpoint formats (kept quantized)
 READABLE = "a dense save_pretrained folder, or a GPTQ or AWQ checkpoint (techniques gptq / awq with backend: gptqmodel)"
@@ -81,9 +81,7 @@ def export(model_dir: Path, out_dir: Path, config: OnnxConfig, device: str) -> d
             capture_output=True, text=True,
         )
     if done.returncode != 0:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        last = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
-        raise TechniqueError(f"onnxruntime-genai's model builder cannot export this model: {last.strip()}")
+        raise TechniqueError(f"onnxruntime-genai's model builder cannot export this model: {error_line(done.stderr)}")
     return options
 
 
