@@ -66,6 +66,13 @@ def main(recipe_path: str) -> int:
             plain, weighted = by.get((quant, target, "llama_cpp")), by.get((f"{quant}-imatrix", target, "llama_cpp"))
             if plain and weighted:
                 checks.append((f"{target}: {quant} imatrix ppl {weighted.ppl:.3f} vs without {plain.ppl:.3f} (no worse)", weighted.ppl <= plain.ppl))
+        onnx_f32 = by.get(("onnx-fp32", target, "onnxruntime_genai"))
+        if fp32 and onnx_f32:
+            diff = abs(onnx_f32.ppl - fp32.ppl) / fp32.ppl * 100
+            checks.append((f"{target}: ONNX Runtime GenAI fp32 ppl {onnx_f32.ppl:.4f} vs transformers fp32 {fp32.ppl:.4f} ({diff:.3f} %, <= 0.1 %)", diff <= 0.1))
+        onnx_int8 = by.get(("onnx-int8", target, "onnxruntime_genai"))
+        if fp32 and onnx_int8:
+            checks.append((f"{target}: ONNX int8 ppl {onnx_int8.ppl_delta_pct:+.2f} % over transformers fp32 (<= 2 %)", onnx_int8.ppl_delta_pct <= 2))
     if portable:
         ratios = [
             r.decode_tok_s / by[(r.variant, portable, r.runtime)].decode_tok_s
@@ -75,13 +82,6 @@ def main(recipe_path: str) -> int:
             median = statistics.median(ratios)
             checks.append((f"native / portable llama.cpp decode, median over {len(ratios)} GGUF variants: {median:.3f}x "
                            f"[{min(ratios):.3f}-{max(ratios):.3f}] (> 1)", median > 1))
-        onnx_f32 = by.get(("onnx-fp32", target, "onnxruntime_genai"))
-        if fp32 and onnx_f32:
-            diff = abs(onnx_f32.ppl - fp32.ppl) / fp32.ppl * 100
-            checks.append((f"{target}: ONNX Runtime GenAI fp32 ppl {onnx_f32.ppl:.4f} vs transformers fp32 {fp32.ppl:.4f} ({diff:.3f} %, <= 0.1 %)", diff <= 0.1))
-        onnx_int8 = by.get(("onnx-int8", target, "onnxruntime_genai"))
-        if fp32 and onnx_int8:
-            checks.append((f"{target}: ONNX int8 ppl {onnx_int8.ppl_delta_pct:+.2f} % over transformers fp32 (<= 2 %)", onnx_int8.ppl_delta_pct <= 2))
     print()
     winners(rows, targets)
     for text, ok in checks:

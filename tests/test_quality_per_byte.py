@@ -47,6 +47,15 @@ def test_the_mixed_file_respects_its_budget_and_writes_the_chosen_types(gguf_ben
     assert in_llama.runtime == "llama_cpp" and in_llama.ppl > 0
 
 
+def test_autoround_writes_a_gguf_that_llama_cpp_runs(gguf_bench):
+    rounded = gguf_bench.build("autoround", {"export": "q4_0", "iters": 2, "batch_size": 2})
+    assert rounded.format == "gguf" and rounded.facts["library"].startswith("auto-round ")
+    types = gguf_types(Path(rounded.path))
+    assert types["blk.0.ffn_down.weight"] == types["blk.1.attn_q.weight"] == "q4_0"
+    measured = gguf_bench.evaluate(rounded, runtime="llama_cpp")
+    assert measured.runtime == "llama_cpp" and measured.ppl > 0
+
+
 def test_a_budget_below_the_smallest_type_is_a_clear_error(gguf_bench, write_recipe):
     with pytest.raises(TechniqueError, match=r"params\.max_size_mb = 1 is below the smallest file these candidates make"):
         gguf_bench.build("gguf_mixed", {"max_size_mb": 1, "windows": 1})
