@@ -143,7 +143,7 @@ class OnnxGenaiSession:
         """GenAI's calls return when their work is done (outputs are copied back)."""
 
     def memory(self) -> dict[str, float]:
-        weights = sum(f.stat().st_size for f in self.path.iterdir() if f.suffix in {".onnx", ".data"} or f.name.endswith(".onnx.data"))
+        weights = sum(f.stat().st_size for f in self.path.iterdir() if f.suffix in {".onnx", ".data"})
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {"weights_mb": weights / 1e6, "peak_mem_mb": peak_kb * 1024 / 1e6}
 

@@ -42,7 +42,7 @@ def run(inputs: BuildInputs) -> BuildResult:
     from auto_round import AutoRound
 
     from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
-    from byoai.tasks.techniques.gguf import TOKENIZER_FILES
+    from byoai.tasks.techniques.gguf import copy_tokenizer
     from byoai.tasks.techniques.io import load_stage_input
 
     config: AutoRoundConfig = inputs.config
@@ -79,9 +79,7 @@ def run(inputs: BuildInputs) -> BuildResult:
         if not files:
             raise TechniqueError(f"AutoRound wrote no GGUF file for {config.export}")
         shutil.move(str(files[-1]), inputs.out_dir / GGUF_FILE)
-    for name in TOKENIZER_FILES:
-        if (inputs.model_dir / name).is_file():
-            shutil.copy2(inputs.model_dir / name, inputs.out_dir / name)
+    copy_tokenizer(inputs.model_dir, inputs.out_dir)
     facts |= {"format": "gguf", "quant_type": config.export, **gguf_facts(inputs.out_dir / GGUF_FILE)}
     return BuildResult(model_dir=inputs.out_dir, facts=facts, format="gguf")
 

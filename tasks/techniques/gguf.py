@@ -133,10 +133,15 @@ def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: st
             shutil.move(f32, out)
         else:
             tool(tools, "llama-quantize", *args, str(f32), str(out), QUANT_TYPES[quant_type], threads)
-    for name in TOKENIZER_FILES:
-        if (inputs.model_dir / name).is_file():
-            shutil.copy2(inputs.model_dir / name, inputs.out_dir / name)
+    copy_tokenizer(inputs.model_dir, inputs.out_dir)
     return facts | gguf_facts(out)
+
+
+def copy_tokenizer(model_dir: Path, out_dir: Path) -> None:
+    """A GGUF artifact keeps the tokenizer files beside model.gguf (lm-eval and tests read them)."""
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
 
 
 def run(inputs: BuildInputs) -> BuildResult:
