@@ -124,3 +124,15 @@ def test_qat_brings_q4_0_closer_to_the_model_than_plain_q4_0(gguf_bench):
             return (p.exp() * (p - q)).sum(-1).mean().item()
 
     assert kl(qat) < 0.8 * kl(plain), (kl(qat), kl(plain))
+
+
+@pytest.mark.slow
+def test_qat_lowers_q4_0_perplexity_in_llama_cpp_on_smollm2(smol_bench):
+    """Held-out perplexity in llama.cpp: qat -> gguf q4_0 against gguf q4_0 of the same model.
+    On the tiny model q4_0 costs about 0.3 % perplexity even once it is trained on the pydoc text
+    (measured: 392.6 -> 393.7), less than QAT's own training moves it, so the perplexity claim is
+    tested where q4_0 measurably hurts; the tiny-model test above measures the KL instead."""
+    plain = smol_bench.evaluate(smol_bench.build("gguf", {"quant_type": "q4_0"}), runtime="llama_cpp")
+    trained = smol_bench.build("qat", {"quant_type": "q4_0", "steps": 12, "batch_size": 2})
+    qat = smol_bench.evaluate(smol_bench.build("gguf", {"quant_type": "q4_0"}, model=trained.as_model()), runtime="llama_cpp")
+    assert qat.ppl < plain.ppl, (qat.ppl, plain.ppl)
