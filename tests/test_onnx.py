@@ -39,6 +39,19 @@ def test_onnx_in_onnxruntime_genai_scores_like_transformers(tiny_bench):
     assert int4.facts["onnx_mb"] < 0.45 * fp32.facts["onnx_mb"] and int8.facts["onnx_mb"] < 0.6 * fp32.facts["onnx_mb"]
 
 
+def test_int4_with_the_lm_head_in_int8(tiny_bench):
+    int4 = tiny_bench.build("onnx", {"precision": "int4", "block_size": 32})
+    mixed = tiny_bench.build("onnx", {"precision": "int4", "block_size": 32, "int8_matmuls": ["last_matmul"]})
+    assert int4.facts["matmul_nbits_int8"] == 0
+    assert mixed.facts["matmul_nbits_int8"] == 1 and mixed.facts["matmul_nbits"] == int4.facts["matmul_nbits"]
+    assert mixed.facts["quant_type"] == "int4-b32-sym-rtn-last_matmul-int8"
+    assert mixed.facts["onnx_mb"] > int4.facts["onnx_mb"]
+    ran = tiny_bench.evaluate(mixed, runtime="onnxruntime_genai")
+    assert ran.ppl == pytest.approx(tiny_bench.evaluate(tiny_bench.build("baseline")).ppl, rel=0.25)
+    with pytest.raises(ValueError, match="int8_matmuls keeps MatMuls in int8 inside an int4 model"):
+        TECHNIQUES["onnx"].config(precision="int8", int8_matmuls=["last_matmul"])
+
+
 def test_static_int8_quantizes_activations_with_calibrated_ranges(tiny_bench):
     reference = tiny_bench.evaluate(tiny_bench.build("baseline"))
     static = tiny_bench.build("onnx_static")

@@ -56,6 +56,18 @@ def test_autoround_writes_a_gguf_that_llama_cpp_runs(gguf_bench):
     assert measured.runtime == "llama_cpp" and measured.ppl > 0
 
 
+def test_autoround_writes_a_gptq_folder_that_transformers_and_the_onnx_builder_read(tiny_bench):
+    reference = tiny_bench.evaluate(tiny_bench.build("baseline"))
+    rounded = tiny_bench.build("autoround", {"export": "gptq", "iters": 2, "batch_size": 2, "group_size": 32})
+    quantization = json.loads((Path(rounded.path) / "config.json").read_text())["quantization_config"]
+    assert rounded.format == "hf" and rounded.facts["format"] == "gptq"
+    assert (quantization["quant_method"], quantization["bits"], quantization["group_size"]) == ("gptq", 4, 32)
+    assert tiny_bench.evaluate(rounded).ppl == pytest.approx(reference.ppl, rel=0.05)
+    exported = tiny_bench.build("onnx", {"precision": "int4", "block_size": 32}, model=rounded.as_model())
+    assert exported.facts["kept_quantized_from"].startswith("gptq 4-bit")
+    assert tiny_bench.evaluate(exported, runtime="onnxruntime_genai").ppl == pytest.approx(reference.ppl, rel=0.05)
+
+
 def test_a_budget_below_the_smallest_type_is_a_clear_error(gguf_bench, write_recipe):
     with pytest.raises(TechniqueError, match=r"params\.max_size_mb = 1 is below the smallest file these candidates make"):
         gguf_bench.build("gguf_mixed", {"max_size_mb": 1, "windows": 1})

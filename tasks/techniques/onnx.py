@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, error_line
 
@@ -42,6 +42,16 @@ class OnnxConfig(BaseModel):
     accuracy_level: Literal[1, 2, 3, 4] | None = None
     # One matrix for the embedding and the LM head, when the model ties them (a smaller file).
     shared_embeddings: bool = True
+    # MatMul groups kept in int8 inside an int4 model (the builder's matmul_mixed_precision):
+    # last_matmul is the LM head, the largest and most output-sensitive weight; mixed_layers is
+    # llama.cpp's mixed choice (first and last eighth of the layers, every third layer's qkv/v/down).
+    int8_matmuls: tuple[Literal["last_matmul", "mixed_layers"], ...] = ()
+
+    @model_validator(mode="after")
+    def _int8_inside_int4(self) -> OnnxConfig:
+        if self.int8_matmuls and self.precision != "int4":
+            raise ValueError(f"int8_matmuls keeps MatMuls in int8 inside an int4 model; precision is {self.precision}: drop int8_matmuls or use precision: int4")
+        return self
 
 
 def input_format(model_dir: Path) -> str | None:
@@ -63,6 +73,8 @@ def extra_options(config: OnnxConfig, tied: bool) -> dict[str, str]:
         options |= {"block_size": str(config.block_size), "is_symmetric": str(config.symmetric).lower(), "algo_config": config.algo}
         if config.accuracy_level is not None:
             options["accuracy_level"] = str(config.accuracy_level)
+        if config.int8_matmuls:
+            options["matmul_mixed_precision"] = ",".join(f"{group}:int8" for group in config.int8_matmuls)
     if config.shared_embeddings and tied:
         options["shared_embeddings"] = "true"
     options["hf_remote"] = "false"
@@ -91,12 +103,16 @@ def onnx_facts(out_dir: Path) -> dict[str, object]:
 
     graph = onnx.load(str(out_dir / "model.onnx"), load_external_data=False).graph
     ops: dict[str, int] = {}
+    int8_weights = 0
     for node in graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        if node.op_type == "MatMulNBits":
+            int8_weights += any(a.name == "bits" and a.i == 8 for a in node.attribute)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if ".onnx" in f.name)
     return {
         "onnx_mb": round(size / 1e6, 3),
         "matmul_nbits": ops.get("MatMulNBits", 0),
+        "matmul_nbits_int8": int8_weights,  # of those, how many hold 8-bit weights
         "matmul": ops.get("MatMul", 0),  # float, or int8 when QuantizeLinear feeds it (static int8)
         "gather_block_quantized": ops.get("GatherBlockQuantized", 0),
         "quantize_linear": ops.get("QuantizeLinear", 0),  # static int8: activations quantized in the graph
@@ -117,6 +133,7 @@ def run(inputs: BuildInputs) -> BuildResult:
     quant_type = config.precision
     if config.precision in {"int4", "int8"}:
         quant_type += f"-b{config.block_size}-{'sym' if config.symmetric else 'asym'}-{config.algo}"
+        quant_type += "".join(f"-{group}-int8" for group in config.int8_matmuls)
     facts: dict[str, object] = {
         "format": "onnx", "precision": config.precision, "quant_type": quant_type, "execution_provider": inputs.device,
         "builder": f"onnxruntime-genai {metadata.version('onnxruntime-genai')} model builder",
