@@ -41,12 +41,64 @@ def _load(recipe: Path, data: bool = False):
 
 @app.command()
 def validate(recipe: Path) -> None:
-    """Check a recipe, its target profiles, model files and texts without running anything."""
+    """Check a recipe, its target profiles, model files and texts without running anything; print its memory plan."""
     parsed = _load(recipe, data=True)
     console.print(
         f"[green]ok[/] {parsed.name}: {len(parsed.variants)} variant(s) x {len(parsed.targets)} target(s) "
         f"({', '.join(t.name for t in parsed.targets)}); recipe sha {parsed.sha()[:12]}"
     )
+    _print_plan(parsed, parsed.targets, None)
+
+
+@app.command()
+def plan(
+    recipe: Path,
+    target: Annotated[list[str] | None, typer.Option("--target", help="plan these targets (default: the recipe's); any shipped or recipe-folder profile")] = None,
+    model_config: Annotated[Path | None, typer.Option("--model-config", help="a model's config.json: plan that model, no weights needed")] = None,
+) -> None:
+    """Print each variant x target x runtime's peak memory, without loading any weight."""
+    from byoai.recipe import RecipeError, available_targets, load_target
+
+    parsed = _load(recipe)
+    targets = list(parsed.targets)
+    if target:
+        known = available_targets(recipe.resolve().parent)
+        unknown = [t for t in target if t not in known]
+        if unknown:
+            err.print(f"[bold red]unknown target(s)[/] {unknown}; allowed: {', '.join(sorted(known))}", highlight=False)
+            raise typer.Exit(2)
+        try:
+            targets = [load_target(known[t]) for t in target]
+        except RecipeError as exc:
+            err.print(f"[bold red]invalid target[/]\n{exc}", highlight=False)
+            raise typer.Exit(2) from None
+    if model_config is not None and not model_config.is_file():
+        err.print(f"[bold red]--model-config {model_config}:[/] file not found; give a model's config.json", highlight=False)
+        raise typer.Exit(2)
+    _print_plan(parsed, targets, model_config)
+
+
+def _print_plan(parsed, targets, model_config: Path | None) -> None:
+    from byoai.plan import capacity_of, model_shape, plan_memory, plan_table_rows
+
+    try:
+        shape = model_shape(parsed, model_config)
+    except (OSError, ValueError, KeyError) as exc:
+        err.print(f"[bold red]cannot read the model's shape:[/] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    memory = plan_memory(parsed, shape, targets, capacity_of, parsed.execution.max_workers)
+    table = Table(title=f"memory plan: {shape.describe()}")
+    for column in ("variant", "target", "step", "runtime", "host RAM", "GPU", "why", "verdict"):
+        table.add_column(column, overflow="fold")
+    for row in plan_table_rows(memory):
+        table.add_row(*row)
+    console.print(table)
+    for t in targets:
+        room = capacity_of(t)
+        device = f", GPU {room.device / 1e9:.1f} GB" if room.device is not None else ""
+        console.print(f"{t.name}: {room.source} has {room.host / 1e9:.1f} GB host RAM{device}; reference in {memory.reference_runtime.get(t.name) or 'nowhere (it fits no runtime)'}", highlight=False)
+    for note in memory.notes:
+        console.print(note, highlight=False)
 
 
 @app.command()

@@ -235,15 +235,21 @@ class TargetProfile(_Strict):
     name: Name
     description: str = ""
     device: Literal["cpu", "cuda"]
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # auto: the checkpoint's own dtype (bf16/fp16 as saved, float32 when saved so)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     # CPU threads for evaluation; None lets torch decide.
     threads: int | None = Field(default=None, ge=1)
     techniques: tuple[str, ...]
     # The Prefect work pool whose workers have this hardware (see infra/, `byoai deploy`).
     work_pool: Name = "cpu"
+    # The machine's host RAM and GPU memory, for planning it from another one (`byoai plan`); a
+    # run plans with what its own worker really has.
+    memory_gb: float | None = Field(default=None, gt=0)
+    device_memory_gb: float | None = Field(default=None, gt=0)
     # The runtimes variants ship in on this target, and how each is built for it, e.g.
     # {transformers: {}, llama_cpp: {cmake_args: [-DGGML_NATIVE=ON]}}. Validated by each runtime's
-    # own config and stored with defaults filled in. transformers measures the gate's reference.
+    # own config and stored with defaults filled in. The gate's reference is measured in
+    # transformers, or in llama.cpp where the model does not fit in transformers (byoai.plan).
     runtimes: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"transformers": {}})
 
     @field_validator("techniques")
@@ -267,8 +273,8 @@ class TargetProfile(_Strict):
                 details = "; ".join(f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
                 raise ValueError(f"invalid build for runtime '{name}': {details}") from None
             typed[name] = config.model_dump(mode="json")
-        if "transformers" not in typed:
-            raise ValueError("list transformers: the gate's reference is the base model in transformers on this target")
+        if not {"transformers", "llama_cpp"} & set(typed):
+            raise ValueError("list transformers or llama_cpp: the gate's reference (the base model) is measured in one of them on this target")
         return typed
 
     def runtime_config(self, name: str) -> BaseModel:

@@ -8,6 +8,7 @@ Orchestration only: every number is computed in a task.
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, Field
 
 from byoai import progress
 from byoai.capability import runtime_skip_reason, skip_reason
+from byoai.memory import shape_of_folder
+from byoai.plan import MemoryPlan, capacity_here, plan_memory, reference_variant
 from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from byoai.settings import Settings
 from byoai.summary import ResultRow
@@ -28,11 +31,7 @@ from byoai.tasks.promote import Candidate
 from byoai.tasks.runtime_build import build_runtime
 from byoai.tasks.runtimes import runtimes_for
 from byoai.tasks.search import Search
-from byoai.tasks.tracking import RunRef, log_input_run, log_unbuilt_run, log_variant_run, register_variant
-
-# The runtime the gate's reference (the base model) is measured in on every target.
-REFERENCE_RUNTIME = "transformers"
-
+from byoai.tasks.tracking import RunRef, log_input_run, log_memory_plan, log_unbuilt_run, log_variant_run, register_variant
 
 class TargetOutcome(BaseModel):
     """Rows of the run summary and promotion candidates per target, filled in as they are recorded."""
@@ -82,6 +81,7 @@ class Loop:
     perplexity_tokens: TokensRef
     variants_dir: str
     outcome: TargetOutcome
+    memory: MemoryPlan
     reference: dict[str, Any] = field(default_factory=dict)  # target -> Metrics of the base model
     builds: dict[tuple, Any] = field(default_factory=dict)  # stage prefix -> future (shared prefixes)
     runtime_builds: dict[tuple[str, str], Any] = field(default_factory=dict)  # (target, runtime) -> future
@@ -126,11 +126,26 @@ class Loop:
         """Targets this variant can run on; the others are recorded as skipped, with why."""
         runnable = []
         for target in self.targets:
-            if (reason := skip_reason(variant, target)) is None:
+            if (reason := skip_reason(variant, target) or self.memory_skip_reason(variant, target)) is None:
                 runnable.append(target)
             else:
                 self.skip_or_fail(variant, target, "skipped", reason)
         return runnable
+
+    def memory_skip_reason(self, variant: VariantSpec, target: TargetProfile) -> str | None:
+        """Why the memory plan says this variant cannot run here (before anything loads)."""
+        if target.name not in self.reference:
+            return f"the gate's reference does not fit on this worker ({self.memory.of('reference', target.name).skip_reason()})"
+        planned = self.memory.of(variant.name, target.name)
+        if planned is None:  # a search trial: planned as its base variant
+            planned = self.memory.of(variant.name.rsplit("-t", 1)[0], target.name)
+        return planned.skip_reason() if planned else None
+
+    def planned_peak(self, variant: str, target: str) -> dict[str, float]:
+        planned = self.memory.of(variant, target) or self.memory.of(variant.rsplit("-t", 1)[0], target)
+        if planned is None:
+            return {}
+        return {"plan.peak_mem_mb": planned.peak_host / 1e6, **({"plan.peak_device_mem_mb": planned.peak_device / 1e6} if planned.peak_device else {})}
 
     def submit_chain(self, variant: VariantSpec, runnable: list[TargetProfile]) -> list:
         """Submit the variant's stages; each stage's output (a future) is the next one's input."""
@@ -182,7 +197,7 @@ class Loop:
         metrics, reference = future.result(), self.reference[target.name]
         build = self.runtime_build(target, runtime).result()
         progress.emit("registering", variant.name, target.name, runtime)
-        run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, build, tags or {})
+        run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, build, tags or {}, self.planned_peak(variant.name, target.name))
         version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build)
         candidate = Candidate.measured(variant.name, version.version, metrics, reference)
         self.outcome.candidates.setdefault(target.name, []).append(candidate)
@@ -259,6 +274,11 @@ def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef
     settings = Settings()
     model = resolve_model(recipe.model, str(settings.models_dir()))
     data_dir = str(settings.data_dir())
+    # The plan, from the resolved model's config and what this worker has now: a variant that
+    # cannot fit is skipped with the numbers before anything loads.
+    shape = shape_of_folder(Path(model.path))
+    memory = plan_memory(recipe, shape, targets, lambda target: capacity_here(), recipe.execution.max_workers)
+    log_memory_plan(parent, memory)
     loop = Loop(
         recipe=recipe, targets=targets, parent=parent, model=model,
         # Calibration windows are prepared even when no technique calibrates: the build step
@@ -267,17 +287,26 @@ def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef
         perplexity_tokens=prepare_perplexity_tokens(recipe.evaluation.perplexity, model, data_dir),
         variants_dir=str(settings.variants_dir()),
         outcome=outcome,
+        memory=memory,
     )
     measured = [t for t in targets if any(skip_reason(v, t) is None for v in recipe.variants)]
-    # The gate's reference: the base model in transformers, measured on each target like every variant.
-    base = _heavy(build_variant, "build-reference", "cpu").submit("baseline", {}, model, model, loop.calibration, "cpu", loop.variants_dir)
-    reference = {
-        t.name: loop.evaluate(base, t, REFERENCE_RUNTIME, loop.runtime_build(t, REFERENCE_RUNTIME), "reference")
-        for t in measured
-    }
+    # The gate's reference, measured on each target like every variant: the base model in
+    # transformers, or its own-dtype GGUF in llama.cpp where transformers cannot hold it.
+    builds, reference = {}, {}
+    for t in measured:
+        runtime = memory.reference_runtime.get(t.name)
+        if runtime is None:
+            continue
+        stage = reference_variant(shape, runtime).stages[0]
+        key = (stage.technique, repr(sorted(stage.params.items())))
+        if key not in builds:
+            builds[key] = _heavy(build_variant, f"build-reference-{stage.technique}", "cpu").submit(
+                stage.technique, stage.params, model, model, loop.calibration, "cpu", loop.variants_dir
+            )
+        reference[t.name] = loop.evaluate(builds[key], t, runtime, loop.runtime_build(t, runtime), "reference")
     loop.reference = {name: future.result() for name, future in reference.items()}
     for name, metrics in loop.reference.items():
-        progress.emit("done", "reference", name, REFERENCE_RUNTIME, measured_line(metrics, 0.0))
+        progress.emit("done", "reference", name, metrics.runtime, measured_line(metrics, 0.0))
 
     loop.run_input(measured)
     loop.run_variants([v for v in recipe.variants if v.search is None])

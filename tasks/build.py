@@ -61,6 +61,46 @@ def check_reload(folder: Path, in_memory_logits, ids, device: str) -> dict[str, 
     return {"reload_rel_err": rel_err, "sparsity": weight_sparsity(model)}
 
 
+class BuildRequest(BaseModel):
+    """One stage to build, as the worker process (byoai.worker) receives it."""
+
+    technique: str
+    params: dict[str, Any]
+    model_dir: str
+    out_dir: str
+    calibration: TokensRef
+    device: str
+    base_model_dir: str
+
+
+class BuildOutcome(BaseModel):
+    """What the worker built: its facts (reload check included), the format, or nothing new."""
+
+    facts: dict[str, Any]
+    format: str
+    unchanged: bool  # the technique returned its input (baseline): the input is the artifact
+
+
+def run_technique(request: BuildRequest) -> BuildOutcome:
+    """In the worker: run the technique into out_dir, then reload what it saved and compare."""
+    spec = TECHNIQUES[request.technique]
+    ids = load_tokens(request.calibration)
+    out = Path(request.out_dir)
+    result = spec.run(BuildInputs(
+        Path(request.model_dir), out, spec.config.model_validate(request.params), ids, request.device, Path(request.base_model_dir),
+    ))
+    facts = json.loads(json.dumps(result.facts, default=str))
+    unchanged = result.model_dir == Path(request.model_dir)
+    if not unchanged:
+        if result.load_kwargs:
+            from byoai.tasks.techniques.io import write_load_kwargs
+
+            write_load_kwargs(out, result.load_kwargs)
+        if result.probe_logits is not None:
+            facts.update(check_reload(out, result.probe_logits, probe_ids(ids), request.device))
+    return BuildOutcome(facts=facts, format=result.format, unchanged=unchanged)
+
+
 @task(cache_policy=CACHED, persist_result=True)
 def build_variant(
     technique: str,
@@ -71,6 +111,10 @@ def build_variant(
     device: str,
     variants_dir: str,
 ) -> Artifact:
+    """Build one stage in a worker process (byoai.isolation): a build that runs out of memory or
+    is killed fails this variant alone, and nothing of it is kept."""
+    from byoai.isolation import run_worker
+
     if isinstance(model, Artifact):  # a chain: the previous stage's output is this stage's input
         model = model.as_model()
     spec = TECHNIQUES[technique]
@@ -91,28 +135,28 @@ def build_variant(
         step_logger().info("reusing %s", folder)
         return Artifact.model_validate_json(marker.read_text())
 
-    ids = load_tokens(calibration)
     with one_build_per_process(), atomic_folder(folder) as tmp:
         started = time.perf_counter()
-        result = spec.run(BuildInputs(Path(model.path), tmp, config, ids, device, Path(base.path)))
+        request = BuildRequest(
+            technique=technique, params=config.model_dump(mode="json"), model_dir=model.path, out_dir=str(tmp),
+            calibration=calibration, device=device, base_model_dir=base.path,
+        )
+        outcome, peak, output = run_worker("build", request.model_dump_json())
         build_s = time.perf_counter() - started
-        facts = json.loads(json.dumps(result.facts, default=str))
-        if result.model_dir == Path(model.path):  # nothing built (baseline): the input is the artifact
+        if output.strip():
+            step_logger().debug("build worker output (%s):\n%s", technique, output[-10000:])
+        # the build's own peak resident memory, the reload check included
+        facts = outcome.facts | {"peak_mem_mb": round(peak / 1e6, 1)}
+        if outcome.unchanged:
             built, sha, size = model.path, model.sha, folder_size_bytes(Path(model.path))
         else:
-            if result.load_kwargs:
-                from byoai.tasks.techniques.io import write_load_kwargs
-
-                write_load_kwargs(tmp, result.load_kwargs)
-            if result.probe_logits is not None:
-                facts.update(check_reload(tmp, result.probe_logits, probe_ids(ids), device))
             built, sha, size = str(folder), folder_sha256(tmp), folder_size_bytes(tmp)
         artifact = Artifact(
             technique=technique, path=built, sha=sha, size_bytes=size,
-            build_s=round(build_s, 3), build_device=device, facts=facts, format=result.format,
+            build_s=round(build_s, 3), build_device=device, facts=facts, format=outcome.format,
         )
         (tmp / _MARKER).write_text(artifact.model_dump_json())
-    step_logger().info("built %s in %.1fs -> %s", technique, build_s, artifact.path)
+    step_logger().info("built %s in %.1fs (peak %.0f MB) -> %s", technique, build_s, peak / 1e6, artifact.path)
     return artifact
 
 

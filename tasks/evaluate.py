@@ -1,16 +1,14 @@
 """evaluate_in_runtime: load a saved artifact in one of its target's runtimes and measure it.
 
 Every number comes from the artifact on disk, never from the in-memory model that built it: that
-is what a user will download, and some formats change on a save/reload round trip. Runtimes that
-are compiled per target run in a worker process of their own (tasks.runtimes.worker), so two
-builds of one runtime can be measured in one flow run.
+is what a user will download, and some formats change on a save/reload round trip. Every runtime
+measures in a worker process of its own (byoai.worker, byoai.isolation): the model and its buffers
+never accumulate in the flow's process, an out-of-memory kill fails this evaluation alone, and two
+builds of one compiled runtime can be measured in one flow run.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from prefect import task
@@ -21,7 +19,7 @@ from byoai.recipe import LatencySpec, TargetProfile
 from byoai.tasks.build import Artifact
 from byoai.tasks.data import CACHED, TokensRef
 from byoai.tasks.lm_eval_tasks import LmEvalSpec
-from byoai.tasks.runtimes import RUNTIMES, Measured, MeasureRequest, RuntimeBuild, measure_request
+from byoai.tasks.runtimes import RUNTIMES, Measured, MeasureRequest, RuntimeBuild
 
 
 class Metrics(BaseModel):
@@ -51,20 +49,13 @@ def ppl_delta_pct(metrics: Metrics, reference: Metrics) -> float:
 
 
 def measure_isolated(request: MeasureRequest, env: dict[str, str]) -> Measured:
-    """Run the protocol in a worker process (tasks.runtimes.worker); its output goes to the log."""
-    with tempfile.TemporaryDirectory(prefix="byoai-measure-") as tmp:
-        request_file, result_file = Path(tmp, "request.json"), Path(tmp, "result.json")
-        request_file.write_text(request.model_dump_json())
-        done = subprocess.run(
-            [sys.executable, "-m", "byoai.tasks.runtimes.worker", str(request_file), str(result_file)],
-            capture_output=True, text=True, env=env,
-        )
-        if done.stdout.strip() or done.stderr.strip():
-            step_logger().debug("%s worker output:\n%s%s", request.runtime, done.stdout[-5000:], done.stderr[-5000:])
-        if done.returncode != 0:
-            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-            raise RuntimeError(f"the {request.runtime} worker failed (exit {done.returncode}):\n{tail}")
-        return Measured.model_validate_json(result_file.read_text())
+    """Run the protocol in a worker process (byoai.worker); its output goes to the log."""
+    from byoai.isolation import run_worker
+
+    measured, _, output = run_worker("measure", request.model_dump_json(), env)
+    if output.strip():
+        step_logger().debug("%s worker output:\n%s", request.runtime, output[-10000:])
+    return measured
 
 
 @task(cache_policy=CACHED, persist_result=True)
@@ -85,8 +76,7 @@ def evaluate_in_runtime(
         dtype=target.dtype, threads=target.threads, build=build, windows_path=perplexity_tokens.path,
         latency=latency.model_dump(mode="json"), lm_eval=lm_eval.model_dump(mode="json") if lm_eval else None,
     )
-    worker_env = RUNTIMES[runtime].worker_env
-    measured = measure_isolated(request, worker_env(build)) if worker_env else measure_request(request)
+    measured = measure_isolated(request, RUNTIMES[runtime].worker_env(build))
     metrics = Metrics(
         **measured.model_dump(), size_mb=artifact.size_bytes / 1e6, runtime=runtime, runtime_build=build.key,
     )

@@ -66,8 +66,8 @@ def embedded_gguf() -> Path:
     raise ModelSourceError(f"{EMBEDDED_PACKAGE} {dist.version} does not contain {EMBEDDED_FILE}")
 
 
-def materialize_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF checkpoint into a plain float32 save_pretrained folder.
+def materialize_gguf(gguf: Path, out: Path, dtype: str) -> None:
+    """Dequantize a GGUF checkpoint into a plain save_pretrained folder in `dtype`.
 
     transformers refuses to save a GGUF-loaded model, so the weights go into a fresh model built
     from the same config without its GGUF quantization_config.
@@ -78,7 +78,7 @@ def materialize_gguf(gguf: Path, out: Path) -> None:
     from byoai.tasks.techniques import model_loading
 
     with model_loading():
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -131,17 +131,31 @@ _MATERIALIZED_FORMAT = 2
 _MATERIALIZED_MARKER = ".byoai-model.json"
 
 
-def _materialized_folder(gguf: Path, models_dir: Path) -> Path:
-    return models_dir / f"{gguf.stem.lower()}-{file_sha256(gguf)[:12]}-m{_MATERIALIZED_FORMAT}"
+def materialized_dtype(gguf: Path) -> str:
+    """float32 (what the embedded SmolLM2 has always been) where that fits the plan, else bfloat16."""
+    from byoai.memory import shape_from_gguf
+    from byoai.plan import materialize_dtype
+
+    return materialize_dtype(shape_from_gguf(gguf).params)
+
+
+def _materialized_folder(gguf: Path, models_dir: Path, dtype: str | None = None) -> Path:
+    dtype = dtype or materialized_dtype(gguf)
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    return models_dir / f"{gguf.stem.lower()}-{file_sha256(gguf)[:12]}-m{_MATERIALIZED_FORMAT}{suffix}"
 
 
 def _materialized(gguf: Path, models_dir: Path, label: str) -> ModelRef:
     gguf_sha = file_sha256(gguf)
-    folder = _materialized_folder(gguf, models_dir)
+    dtype = materialized_dtype(gguf)
+    folder = _materialized_folder(gguf, models_dir, dtype)
     marker = folder / _MATERIALIZED_MARKER
     if not marker.is_file():
+        from byoai.isolation import run_worker
+
         with atomic_folder(folder) as tmp:
-            materialize_gguf(gguf, tmp)
+            # a full load: in a worker process, like every heavy step
+            run_worker("materialize", json.dumps({"gguf": str(gguf), "out": str(tmp), "dtype": dtype}))
             (tmp / marker.name).write_text(json.dumps({"sha": folder_sha256(tmp), "gguf_sha256": gguf_sha}))
     return ModelRef(path=str(folder), sha=json.loads(marker.read_text())["sha"], source=label, gguf=str(gguf))
 

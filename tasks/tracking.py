@@ -72,6 +72,9 @@ def start_parent_run(recipe: Recipe, tracking_uri: str, artifact_root: str | Non
             "prefect.flow_run_name": flow_run.get("name", ""),
             # the deployment's run when this flow runs as its subflow: hooks find the run by either
             "prefect.root_flow_run_id": flow_run.get("root_id", ""),
+            # who runs it: `byoai runs --repair` (and the next run on this host) fail it only when
+            # that process is gone
+            **process_tags(),
         },
     )
     run_id = run.info.run_id
@@ -87,6 +90,32 @@ def start_parent_run(recipe: Recipe, tracking_uri: str, artifact_root: str | Non
         "promotion": recipe_json["promotion"],
     })
     return RunRef(tracking_uri=tracking_uri, experiment_id=experiment_id, run_id=run_id)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def log_memory_plan(parent: RunRef, plan) -> None:
+    """The memory plan as the parent run's memory-plan.json, the reference runtime per target as tags."""
+    from dataclasses import asdict
+
+    mlflow = client(parent.tracking_uri)
+    rows = [asdict(row) | {"verdict": vp.skip_reason() or "fits"} for vp in plan.variants for row in vp.rows]
+    if rows:
+        mlflow.log_table(parent.run_id, data=_columns(rows), artifact_file="memory-plan.json")
+    for target, runtime in plan.reference_runtime.items():
+        mlflow.set_tag(parent.run_id, f"{TAG}reference.{target}", runtime or "none: it fits no runtime on this worker")
+    mlflow.set_tag(parent.run_id, f"{TAG}model_shape", plan.shape.describe())
+
+
+def process_tags() -> dict[str, str]:
+    import os
+    import socket
+
+    import psutil
+
+    return {
+        f"{TAG}host": socket.gethostname(), f"{TAG}pid": str(os.getpid()),
+        f"{TAG}pid_started": str(psutil.Process().create_time()),
+    }
 
 
 def _log(mlflow, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None) -> None:
@@ -157,9 +186,10 @@ def log_variant_run(
     reference: Metrics,
     build: RuntimeBuild,
     extra_tags: dict[str, str] | None = None,
+    planned: dict[str, float] | None = None,
 ) -> str:
-    """A finished child run with each stage's facts, the runtime build, and the metrics of the
-    final artifact measured in that runtime."""
+    """A finished child run with each stage's facts, the runtime build, the metrics of the
+    final artifact measured in that runtime, and the memory plan's estimate beside the measured peaks."""
     artifact = stages[-1]
     facts = (
         {f"fact.{k}": v for k, v in artifact.facts.items()}
@@ -178,7 +208,12 @@ def log_variant_run(
         mlflow,
         run_id,
         params={"build_device": artifact.build_device, "format": artifact.format, **facts, **_runtime_params(build)},
-        metrics={**_metrics(metrics, reference), "build_s": sum(stage.build_s for stage in stages)},
+        metrics={
+            **_metrics(metrics, reference), "build_s": sum(stage.build_s for stage in stages),
+            # the largest worker of the chain's builds (VmHWM / ru_maxrss of each stage's process)
+            **({"build_peak_mem_mb": max(peaks)} if (peaks := [float(s.facts["peak_mem_mb"]) for s in stages if "peak_mem_mb" in s.facts]) else {}),
+            **(planned or {}),
+        },
     )
     report = Path(artifact.path) / REPORT_DIR
     if report.is_dir():

@@ -89,11 +89,11 @@ def test_a_bad_quant_type_or_a_stage_after_gguf_is_a_recipe_error(write_recipe):
     assert result.exit_code == 2 and "gguf writes gguf, which no later stage can read: put it last" in result.output
 
 
-def test_a_target_without_transformers_or_with_an_unknown_runtime_is_refused(tmp_path):
+def test_a_target_without_a_reference_runtime_or_with_an_unknown_runtime_is_refused(tmp_path):
     from byoai.recipe import RecipeError
 
-    (tmp_path / "t.yaml").write_text("name: t\ndevice: cpu\ntechniques: [gguf]\nruntimes: {llama_cpp: {}}\n")
-    with pytest.raises(RecipeError, match="list transformers"):
+    (tmp_path / "t.yaml").write_text("name: t\ndevice: cpu\ntechniques: [onnx]\nruntimes: {onnxruntime_genai: {}}\n")
+    with pytest.raises(RecipeError, match="list transformers or llama_cpp"):
         load_target(tmp_path / "t.yaml")
     (tmp_path / "t.yaml").write_text("name: t\ndevice: cpu\ntechniques: [gguf]\nruntimes: {transformers: {}, vllm: {}}\n")
     with pytest.raises(RecipeError, match="unknown runtime 'vllm'; allowed: transformers, llama_cpp"):

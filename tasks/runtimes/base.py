@@ -8,6 +8,7 @@ process, so two builds of one runtime (native and portable) can be measured in o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,11 @@ class Session(Protocol):
         """An lm-eval LM scoring with this session (what lm-eval ships where it can)."""
 
 
+def inherited_env() -> dict[str, str]:
+    """A worker's environment when its runtime needs nothing of its own: this process's."""
+    return dict(os.environ)
+
+
 @dataclass(frozen=True)
 class Runtime:
     name: str
@@ -108,6 +114,9 @@ class Runtime:
     build: Callable[[BaseModel, Path], RuntimeBuild]
     # a loaded artifact for the protocol
     open_session: Callable[[MeasureRequest], Session]
-    # Set for a runtime measured in a process of its own (a compiled runtime loads one build per
-    # process): the environment of that worker process for a build.
-    worker_env: Callable[[RuntimeBuild], dict[str, str]] | None = None
+    # (byoai.memory.PlanContext, artifact bytes on disk) -> byoai.memory.Footprint: the peak of
+    # measuring an artifact of that model's shape (the memory plan adds these up)
+    footprint: Callable[[Any, int], Any]
+    # The environment of the worker process that measures with a build (every runtime measures in
+    # a process of its own; a compiled runtime puts its build first on PYTHONPATH).
+    worker_env: Callable[[RuntimeBuild], dict[str, str]] = lambda build: inherited_env()

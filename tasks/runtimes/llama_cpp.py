@@ -7,7 +7,7 @@ BYOAI_CACHE_DIR/runtimes/, never a prebuilt binary. The same build also compiles
 `llama-quantize`, `llama-imatrix` and `llama-bench` from the vendored source (the `gguf` stage
 uses them). A native build records the CPU it was compiled for and is never run on another.
 
-Measurements run in a worker process with that build first on sys.path (tasks.runtimes.worker),
+Measurements run in a worker process with that build first on sys.path (byoai.worker),
 through llama.cpp's C API: the same token ids as every runtime, batched decode of several
 sequences for batch > 1.
 """
@@ -419,6 +419,24 @@ def gguf_facts(path: Path) -> dict[str, object]:
     }
 
 
+def footprint(ctx, artifact_bytes: int):
+    """The file memory-mapped (its pages resident once read), the KV cache and logits of the
+    perplexity context (logits_all), and the latency profile's context."""
+    from byoai.memory import Footprint
+
+    w = ctx.windows
+    context = max(w.eval_seq_len, w.latency_context)
+    buffers = context * ctx.shape.kv_bytes_per_token + w.eval_seq_len * ctx.shape.vocab * 4 * 2
+    why = f"the GGUF file memory-mapped ({artifact_bytes / 1e9:.1f} GB), KV cache and logits of {context} tokens"
+    if ctx.device == "cpu":
+        return Footprint(host=WORKER_BYTES + artifact_bytes + buffers, why=why)
+    return Footprint(host=WORKER_BYTES + w.eval_seq_len * ctx.shape.vocab * 4 * 2, device=artifact_bytes + buffers, why=why)
+
+
+# the measuring worker before it maps a model: Python, the bindings, tokenizers
+WORKER_BYTES = int(0.45e9)
+
+
 RUNTIME = Runtime(
     name="llama_cpp",
     summary="llama.cpp compiled for the target from the llama-cpp-python sdist (CMake flags from the profile); runs GGUF",
@@ -429,4 +447,5 @@ RUNTIME = Runtime(
     build=build,
     open_session=LlamaCppSession,
     worker_env=python_env,
+    footprint=footprint,
 )

@@ -156,12 +156,16 @@ class OnnxGenaiSession:
         return LogitsLM(self.logprobs, tokenizer, max_length=min(2048, self.max_context))
 
 
-def worker_env(build: RuntimeBuild) -> dict[str, str]:
-    """Its own process: ONNX Runtime's arenas and threads stay out of the flow's process, and
-    the peak memory measured is this model's alone."""
-    import os
+def footprint(ctx, artifact_bytes: int):
+    """ONNX Runtime reads the weights into its own buffers, plus KV cache and logits."""
+    from byoai.memory import PROCESS_BYTES, Footprint
 
-    return dict(os.environ)
+    w = ctx.windows
+    buffers = max(w.eval_seq_len, w.latency_context) * ctx.shape.kv_bytes_per_token * 2 + w.eval_seq_len * ctx.shape.vocab * 4 * 2
+    why = f"the ONNX weights ({artifact_bytes / 1e9:.1f} GB) in ONNX Runtime's buffers, KV cache and logits"
+    if ctx.device == "cpu":
+        return Footprint(host=PROCESS_BYTES + artifact_bytes + buffers, why=why)
+    return Footprint(host=PROCESS_BYTES, device=artifact_bytes + buffers, why=why)
 
 
 RUNTIME = Runtime(
@@ -173,5 +177,5 @@ RUNTIME = Runtime(
     unavailable_reason=unavailable_reason,
     build=build,
     open_session=OnnxGenaiSession,
-    worker_env=worker_env,
+    footprint=footprint,
 )

@@ -1,7 +1,8 @@
 """Runtime `transformers`: the artifact folder loaded with from_pretrained on the target device.
 
 It runs every save_pretrained format byoai writes (dense, compressed-tensors, GPTQ/AWQ through
-GPTQModel's kernels, bitsandbytes, torchao), in this process: nothing is compiled per target.
+GPTQModel's kernels, bitsandbytes, torchao) in a worker process, like every runtime: nothing is
+compiled per target.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def load_artifact(path: str, device: str, dtype: str):
 
     started = time.perf_counter()
     # device_map places weights at load: quantized (e.g. bitsandbytes) models refuse a later .to()
-    model, _ = load_model(Path(path), dtype=getattr(torch, dtype), device_map=device)
+    model, _ = load_model(Path(path), dtype=dtype if dtype == "auto" else getattr(torch, dtype), device_map=device)
     _sync(device)
     return model, time.perf_counter() - started
 
@@ -82,11 +83,13 @@ class TransformersSession:
         _sync(self.device)
 
     def memory(self) -> dict[str, float]:
-        import psutil
+        import resource
+
         import torch
 
         weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
-        peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else psutil.Process().memory_info().rss
+        # a true peak: the process's high-water mark (it measures this artifact alone, in a worker)
+        peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"weights_mb": weights / 1e6, "peak_mem_mb": peak / 1e6}
 
     def lm_eval_model(self, spec):
@@ -110,6 +113,16 @@ def build(config: TransformersConfig, cache_dir: Path) -> RuntimeBuild:
     )
 
 
+def footprint(ctx, artifact_bytes: int):
+    from byoai.memory import PROCESS_BYTES, Footprint, runs_dense
+
+    need = runs_dense(ctx)
+    why = f"{ctx.dtype} weights of {ctx.shape.params / 1e9:.1f} B parameters, float32 logits of a {ctx.windows.eval_seq_len}-token window"
+    if ctx.device == "cpu":
+        return Footprint(host=PROCESS_BYTES + need, why=why)
+    return Footprint(host=PROCESS_BYTES + artifact_bytes, device=need, why=why)
+
+
 RUNTIME = Runtime(
     name="transformers",
     summary="from_pretrained on the target device (torch); runs every save_pretrained format byoai writes",
@@ -119,4 +132,5 @@ RUNTIME = Runtime(
     unavailable_reason=lambda config, device: None,
     build=build,
     open_session=TransformersSession,
+    footprint=footprint,
 )

@@ -59,6 +59,9 @@ class Technique:
     # Devices the technique can build on and whose output runs there.
     devices: frozenset[str]
     needs_calibration: bool
+    # (config, byoai.memory.PlanContext) -> byoai.memory.Footprint: its peak memory on a model of
+    # that shape, and the size of what it writes (the memory plan adds these up)
+    footprint: Callable[[Any, Any], Any]
     # The format of its output ("hf", "gguf", "onnx"), or a function of its config for a technique
     # that writes either; a stage whose output is not "hf" ends a chain.
     output_format: str | Callable[[Any], str] = "hf"
@@ -74,9 +77,10 @@ _BUILD_LOCK = threading.Lock()
 
 
 def one_build_per_process() -> threading.Lock:
-    """The lock every build holds: llmcompressor's oneshot keeps global session state, so two
-    concurrent builds in one process corrupt each other (seen: NaN weights). Builds still run in
-    parallel across processes (Dask, Ray); with threads, evaluations overlap with a build.
+    """The lock every build holds: one build at a time per flow process, each in a worker process
+    of its own (byoai.isolation), so llmcompressor's global session state is never shared and the
+    memory plan counts one build beside the evaluations. Builds still run in parallel across
+    processes (Dask, Ray); with threads, evaluations overlap with a build.
     (A function, not a global, so task runners that pickle the task by value can ship it.)
     """
     return _BUILD_LOCK

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from byoai.memory import calibrates_layerwise
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 Export = Literal["q4_0", "q4_1", "q4_k_m", "q4_k_s", "q5_0", "q5_1", "q5_k_m", "q8_0", "gptq"]
@@ -88,6 +89,7 @@ TECHNIQUE = Technique(
     name="autoround",
     summary="AutoRound (SignRound) on CPU: a GGUF (q4_0, q4_1, q4_k_m, ...) for llama.cpp or a GPTQ folder",
     config=AutoRoundConfig,
+    footprint=calibrates_layerwise("AutoRound block by block (low_gpu_mem_usage)"),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

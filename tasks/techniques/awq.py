@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend, probe_ids
-from byoai.tasks.techniques.weight_quant import WeightQuantConfig, oneshot_kwargs, quantizable_layers, quantization_scheme
+from byoai.tasks.techniques.weight_quant import WeightQuantConfig, oneshot_kwargs, quantizable_layers, quantization_scheme, weight_quant_footprint
 
 # GPTQModel's AWQ clipping search walks output channels in batches of 64 (or 256) and asserts
 # that they divide the layer's output width.
@@ -181,6 +181,7 @@ TECHNIQUE = Technique(
     name="awq",
     summary="AWQ activation-aware 4-bit weight quantization with calibration (llmcompressor or GPTQModel)",
     config=AwqConfig,
+    footprint=weight_quant_footprint(calibrated=True),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from byoai.memory import loads_model
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, probe_ids
 
 
@@ -158,6 +159,7 @@ TECHNIQUE = Technique(
     name="bnb",
     summary="bitsandbytes int8 (LLM.int8()) or 4-bit NF4/FP4, quantized at load (no calibration)",
     config=BnbConfig,
+    footprint=loads_model(extra_per_param=2, note="quantized at load beside the dense weights"),
     run=run,
     # bitsandbytes 0.50 has a CPU backend for all three modes (checked: build, save, reload, evaluate);
     # CUDA is its native backend.

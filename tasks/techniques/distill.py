@@ -13,6 +13,7 @@ from importlib.metadata import version
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from byoai.memory import trains_student
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
@@ -51,9 +52,11 @@ def distill(inputs: BuildInputs, config: DistillConfig, prepare=None):
     puts its weights behind a fake quantizer)."""
     import torch
 
-    from byoai.tasks.techniques.io import load_model, load_stage_input
+    from byoai.tasks.techniques.io import checkpoint_dtype, load_model, load_stage_input
 
-    student, tokenizer = load_stage_input(inputs.model_dir)
+    # The student trains in float32 (AdamW on bf16 weights loses small updates); it is saved back
+    # in the input's dtype. The teacher only runs forward: its own dtype.
+    student, tokenizer = load_stage_input(inputs.model_dir, dtype="float32")
     teacher, _ = load_model(inputs.base_model_dir)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise TechniqueError(
@@ -100,6 +103,8 @@ def distill(inputs: BuildInputs, config: DistillConfig, prepare=None):
         "loss_end": sum(losses[-head:]) / head,
         "train_s": round(train_s, 2),
         "tokens_seen": config.steps * config.batch_size * windows.shape[1],
+        "train_dtype": "float32",
+        "saved_dtype": checkpoint_dtype(inputs.model_dir),
     }
     return student, tokenizer, facts
 
@@ -107,14 +112,17 @@ def distill(inputs: BuildInputs, config: DistillConfig, prepare=None):
 def run(inputs: BuildInputs) -> BuildResult:
     from byoai.tasks.techniques.io import saved
 
+    import torch
+
     student, tokenizer, facts = distill(inputs, inputs.config)
-    return saved(student, tokenizer, inputs, facts=facts)
+    return saved(student.to(getattr(torch, facts["saved_dtype"])), tokenizer, inputs, facts=facts)
 
 
 TECHNIQUE = Technique(
     name="distill",
     summary="knowledge distillation of the stage input (student) from the base model (teacher)",
     config=DistillConfig,
+    footprint=trains_student(),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from byoai.memory import loads_model
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
@@ -172,6 +173,7 @@ TECHNIQUE = Technique(
     name="drop_layers",
     summary="structured depth pruning: drop the decoder layers that change hidden states least",
     config=DropLayersConfig,
+    footprint=loads_model(extra_per_param=0, note="hidden states of every layer per window"),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

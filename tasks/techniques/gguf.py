@@ -1,10 +1,14 @@
 """GGUF export: llama.cpp's own converter, then llama.cpp's own quantizer (optionally with its imatrix).
 
 The stage input (a save_pretrained folder: the base model, or a pruned / distilled / quantized
-stage) is converted to an f32 GGUF by `convert_hf_to_gguf.py` from the llama-cpp-python sdist
-(with that sdist's gguf-py, never a hand-written writer), then quantized to `quant_type` by
-`llama-quantize` compiled from the same source for this worker. `imatrix: true` first computes
-llama.cpp's importance matrix (`llama-imatrix`) on the recipe's calibration windows. A GPTQ or
+stage) is converted to a GGUF in the checkpoint's own dtype (f32, bf16 or f16: no float32
+intermediate for a bf16 model) by `convert_hf_to_gguf.py` from the llama-cpp-python sdist (with
+that sdist's gguf-py, never a hand-written writer; it converts lazily, one tensor at a time), then
+quantized to `quant_type` by `llama-quantize` compiled from the same source for this worker, which
+memory-maps its input. `imatrix: true` first computes llama.cpp's importance matrix
+(`llama-imatrix`, memory-mapped too) on the recipe's calibration windows; for a model whose
+converted file would not fit in memory beside it, on a q8_0 copy (as llama.cpp's maintainers
+advise for big models). A GPTQ or
 compressed-tensors input is dequantized by the converter and re-quantized: the facts say so.
 The artifact is a folder with `model.gguf` and the tokenizer files.
 """
@@ -22,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from byoai.memory import gguf_export_footprint
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, error_line
 
 # recipe name -> llama-quantize's type name
@@ -51,12 +56,16 @@ class GgufConfig(BaseModel):
     version: str = Field(default="0.3.36", pattern=r"^\d+\.\d+\.\d+$")
 
 
-def convert(model_dir: Path, out_file: Path, src: Path) -> None:
+# the checkpoint's dtype -> the converter's --outtype that keeps it, and its bytes per weight
+OUTTYPES = {"float32": ("f32", 4), "bfloat16": ("bf16", 2), "float16": ("f16", 2)}
+
+
+def convert(model_dir: Path, out_file: Path, src: Path, outtype: str) -> None:
     """llama.cpp's converter, with the sdist's own gguf-py first on the path."""
     llama = src / "vendor" / "llama.cpp"
     env = os.environ | {"PYTHONPATH": str(llama / "gguf-py"), "NO_LOCAL_GGUF": ""}
     done = subprocess.run(
-        [sys.executable, str(llama / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file), "--outtype", "f32"],
+        [sys.executable, str(llama / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out_file), "--outtype", outtype],
         capture_output=True, text=True, env=env,
     )
     if done.returncode != 0:
@@ -82,11 +91,14 @@ def input_quantization(model_dir: Path) -> str | None:
 def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: str, per_tensor=None) -> dict[str, object]:
     """Convert the stage input, optionally compute the imatrix, quantize; return the facts.
 
-    `per_tensor(f32_gguf, work_dir) -> (tensor_type_file, facts)` lets a technique choose a type
-    per tensor (llama-quantize's --tensor-type-file) once the f32 file exists.
+    `per_tensor(converted_gguf, bytes_per_weight, work_dir) -> (tensor_type_file, facts)` lets a
+    technique choose a type per tensor (llama-quantize's --tensor-type-file) once the converted
+    file exists.
     """
     from byoai.files import folder_sha256, json_sha256
+    from byoai.hostmem import available_bytes
     from byoai.settings import Settings
+    from byoai.tasks.techniques.io import checkpoint_dtype
     from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, LlamaCppConfig, build, gguf_facts, llama_cpp_commit, source, tool
 
     if not (inputs.model_dir / "config.json").is_file():
@@ -103,9 +115,11 @@ def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: st
     if (method := input_quantization(inputs.model_dir)) is not None:
         facts["requantized_from"] = f"{method}: the converter dequantized the input, llama-quantize re-quantized it"
     out = inputs.out_dir / GGUF_FILE
+    outtype, weight_bytes = OUTTYPES[checkpoint_dtype(inputs.model_dir)]
+    facts["converted_as"] = outtype
     with tempfile.TemporaryDirectory(prefix="byoai-gguf-", dir=inputs.out_dir.parent) as work:
-        f32 = Path(work) / "model-f32.gguf"
-        convert(inputs.model_dir, f32, src)
+        converted = Path(work) / f"model-{outtype}.gguf"
+        convert(inputs.model_dir, converted, src, outtype)
         args = []
         if imatrix:
             n_samples, seq_len = inputs.calibration_ids.shape
@@ -118,21 +132,29 @@ def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: st
                 text = Path(work) / "calibration.txt"
                 text.write_text(calibration_text(inputs.model_dir, inputs.calibration_ids))
                 partial = Path(work) / "imatrix.gguf"
-                tool(tools, "llama-imatrix", "-m", str(f32), "-f", str(text), "-o", str(partial), "-c", str(seq_len),
+                scored = converted
+                if converted.stat().st_size > available_bytes() * 0.8:
+                    # it would not stay in the page cache: the imatrix of a q8_0 copy is as good
+                    scored = Path(work) / "model-q8_0.gguf"
+                    tool(tools, "llama-quantize", str(converted), str(scored), "Q8_0", threads)
+                facts["imatrix_model"] = "q8_0 copy" if scored != converted else outtype
+                tool(tools, "llama-imatrix", "-m", str(scored), "-f", str(text), "-o", str(partial), "-c", str(seq_len),
                      "--chunks", str(n_samples), "-t", threads, "--no-ppl")
+                if scored != converted:
+                    scored.unlink()
                 matrix.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(partial, matrix.with_suffix(f".{os.getpid()}.tmp"))
                 matrix.with_suffix(f".{os.getpid()}.tmp").replace(matrix)
             args = ["--imatrix", str(matrix)]
             facts["imatrix_tokens"] = n_samples * seq_len
         if per_tensor is not None:
-            type_file, chosen = per_tensor(f32, Path(work))
+            type_file, chosen = per_tensor(converted, weight_bytes, Path(work))
             args += ["--tensor-type-file", str(type_file)]
             facts |= chosen
-        if quant_type == "f32":
-            shutil.move(f32, out)
+        if quant_type == outtype:
+            shutil.move(converted, out)
         else:
-            tool(tools, "llama-quantize", *args, str(f32), str(out), QUANT_TYPES[quant_type], threads)
+            tool(tools, "llama-quantize", *args, str(converted), str(out), QUANT_TYPES[quant_type], threads)
     copy_tokenizer(inputs.model_dir, inputs.out_dir)
     return facts | gguf_facts(out)
 
@@ -154,6 +176,7 @@ TECHNIQUE = Technique(
     name="gguf",
     summary="GGUF export: llama.cpp's converter + llama-quantize (q8_0 ... q2_k, iq4_nl), optional imatrix",
     config=GgufConfig,
+    footprint=lambda config, ctx: gguf_export_footprint(config.quant_type, config.imatrix, ctx),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

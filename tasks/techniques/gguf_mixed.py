@@ -236,11 +236,11 @@ def run(inputs: BuildInputs) -> BuildResult:
     sizes = {name: int(weight.numel()) for name, weight in tensors.items()}
     del model
 
-    def per_tensor(f32: Path, work: Path):
+    def per_tensor(converted: Path, weight_bytes: int, work: Path):
         names = list(tensors)
         costs = [[(quant_bytes(sizes[n], t), table[n][t]) for t in config.candidates] for n in names]
-        quantized_f32 = sum(4 * sizes[n] for n in names)
-        fixed = f32.stat().st_size - quantized_f32  # metadata, vocabulary, norms: written as they are
+        # metadata, vocabulary, norms: written as they are
+        fixed = converted.stat().st_size - sum(weight_bytes * sizes[n] for n in names)
         if config.max_size_mb is not None:
             budget, field = int(config.max_size_mb * 1e6) - fixed, f"params.max_size_mb = {config.max_size_mb:g}"
         else:
@@ -276,10 +276,31 @@ def run(inputs: BuildInputs) -> BuildResult:
     return BuildResult(model_dir=inputs.out_dir, facts=facts, format="gguf")
 
 
+def mixed_footprint(config: GgufMixedConfig, ctx):
+    """Sensitivity holds the whole model with a gradient per weight and a float32 Fisher
+    accumulator (or, for `measure: kl`, one forward at a time); then the GGUF export. Computed
+    for the whole model at once, not layer by layer: the plan skips it where that does not fit."""
+    from byoai.memory import PROCESS_BYTES, Footprint, forward_bytes, gguf_export
+
+    shape = ctx.shape
+    tokens = ctx.windows.calibration_seq_len
+    if config.measure == "fisher":
+        backward = tokens * shape.layers * (12 * shape.hidden + 4 * shape.intermediate) * shape.dtype_bytes
+        host = PROCESS_BYTES + shape.params * (2 * shape.dtype_bytes + 4) + backward + forward_bytes(ctx, tokens)
+        why = f"Fisher sensitivity: {shape.params / 1e9:.1f} B weights with their gradients ({shape.dtype}) and float32 Fisher accumulators"
+    else:
+        host = PROCESS_BYTES + 2 * shape.bytes_in(shape.dtype) + forward_bytes(ctx, tokens)
+        why = "measured KL: the model and one tensor rounded at a time"
+    export = gguf_export_footprint("mixed", config.imatrix, ctx)
+    budget = int(config.max_size_mb * 1e6) if config.max_size_mb else int(shape.params * config.bits_per_weight / 8)
+    return Footprint(host=max(host, export.host), why=why if host >= export.host else export.why, artifact=budget)
+
+
 TECHNIQUE = Technique(
     name="gguf_mixed",
     summary="GGUF with a llama.cpp type per tensor, chosen by sensitivity (Fisher-predicted or measured KL) under a size or bits budget",
     config=GgufMixedConfig,
+    footprint=mixed_footprint,
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend
-from byoai.tasks.techniques.weight_quant import WeightQuantConfig, quantizable_layers, quantize_with_llmcompressor
+from byoai.tasks.techniques.weight_quant import WeightQuantConfig, quantizable_layers, quantize_with_llmcompressor, weight_quant_footprint
 
 # GPTQModel's GPTQ processes columns in blocks of this many (fixed in the library).
 GPTQMODEL_BLOCK_SIZE = 128
@@ -117,6 +117,7 @@ TECHNIQUE = Technique(
     name="gptq",
     summary="GPTQ weight-only quantization with calibration (llmcompressor or GPTQModel)",
     config=GptqConfig,
+    footprint=weight_quant_footprint(calibrated=True, hessians=True),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from byoai.memory import loads_model
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
@@ -79,6 +80,7 @@ TECHNIQUE = Technique(
     name="int8_cpu",
     summary="torchao int8 weight-only or dynamic int8 activations + weights (no calibration)",
     config=Int8CpuConfig,
+    footprint=loads_model(extra_per_param=1, note="int8 copy of the Linear weights"),
     run=run,
     # Checked on CPU (build, safetensors save, reload, evaluate). torchao's Int8Tensor matmuls are
     # device-generic (torch._int_mm on CUDA), and CUDA is torchao's main platform.

@@ -30,21 +30,32 @@ def load_kwargs(folder: Path) -> dict:
     return kwargs
 
 
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint was saved in (config.json), float32 when it does not say."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return dtype if dtype in {"float32", "float16", "bfloat16"} else "float32"
+
+
 def load_model(model_dir: Path, **kwargs):
-    """Model (float32 unless told otherwise) and tokenizer from a save_pretrained folder."""
-    import torch
+    """Model (in the checkpoint's own dtype unless told otherwise) and tokenizer from a save_pretrained folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from byoai.tasks.techniques import model_loading
 
-    kwargs = {"dtype": torch.float32, **hf_load_kwargs(), **load_kwargs(Path(model_dir)), **kwargs}
+    kwargs = {"dtype": "auto", **hf_load_kwargs(), **load_kwargs(Path(model_dir)), **kwargs}
+    if kwargs["dtype"] == "auto":  # explicit: a checkpoint that names no dtype loads as saved, float32
+        import torch
+
+        kwargs["dtype"] = getattr(torch, checkpoint_dtype(model_dir))
     with model_loading():
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     return model.eval(), AutoTokenizer.from_pretrained(model_dir, **hf_load_kwargs())
 
 
-def load_stage_input(model_dir: Path):
-    """A stage's input as a plain dense float32 model, whatever format the previous stage saved.
+def load_stage_input(model_dir: Path, dtype: str = "auto"):
+    """A stage's input as a plain dense model (in the checkpoint's dtype unless `dtype` says),
+    whatever format the previous stage saved.
 
     compressed-tensors folders (llmcompressor's output: quantized and/or sparse) are decompressed
     and rebuilt without their quantization config, so the next technique starts from ordinary
@@ -56,7 +67,7 @@ def load_stage_input(model_dir: Path):
     config = AutoConfig.from_pretrained(model_dir, **hf_load_kwargs())
     quantization = getattr(config, "quantization_config", None)
     if quantization is None and not load_kwargs(Path(model_dir)):
-        return load_model(model_dir)
+        return load_model(model_dir, dtype=dtype)
     method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
     if method != "compressed-tensors":
         from byoai.tasks.techniques import TechniqueError
@@ -65,13 +76,13 @@ def load_stage_input(model_dir: Path):
             f"a stage cannot start from a {method or 'load-time quantized'} checkpoint ({model_dir}); "
             "put this quantization last in the chain"
         )
-    loaded, tokenizer = load_model(model_dir, quantization_config=CompressedTensorsConfig(dequantize=True))
+    loaded, tokenizer = load_model(model_dir, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
     dense_config = AutoConfig.from_pretrained(model_dir, **hf_load_kwargs())
     del dense_config.quantization_config
     from byoai.tasks.techniques import model_loading
 
     with model_loading():
-        model = AutoModelForCausalLM.from_config(dense_config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(dense_config, dtype=loaded.dtype)
     wanted = model.state_dict().keys()
     model.load_state_dict({k: v for k, v in loaded.state_dict().items() if k in wanted}, strict=True)
     return model.eval(), tokenizer

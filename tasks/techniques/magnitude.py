@@ -8,6 +8,7 @@ masks are never applied and nothing is pruned (checked on this project's machine
 
 from __future__ import annotations
 
+from byoai.memory import loads_model
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
 from byoai.tasks.techniques.pruning import PruningConfig, prunable_layers, pruning_facts
 
@@ -38,6 +39,7 @@ TECHNIQUE = Technique(
     name="magnitude",
     summary="unstructured magnitude pruning per layer, no calibration (torch.nn.utils.prune)",
     config=MagnitudeConfig,
+    footprint=loads_model(),
     run=run,
     # a dense checkpoint with zeros: builds and runs anywhere transformers does
     devices=frozenset({"cpu", "cuda"}),

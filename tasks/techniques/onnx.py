@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from byoai.memory import loads_model
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, error_line
 
 # what the builder reads as it is: a dense folder, or these checkpoint formats (kept quantized)
@@ -149,6 +150,7 @@ TECHNIQUE = Technique(
     name="onnx",
     summary="ONNX export: onnxruntime-genai's model builder (int4/int8 MatMulNBits, fp32/fp16); reads GPTQ/AWQ checkpoints as they are",
     config=OnnxConfig,
+    footprint=loads_model(extra_per_param=4, note="the model builder loads float32 weights and writes the ONNX graph"),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=False,

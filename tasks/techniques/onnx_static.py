@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from byoai.memory import loads_model
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 from byoai.tasks.techniques.onnx import READABLE, OnnxConfig, export, input_format, onnx_facts
 
@@ -117,6 +118,7 @@ TECHNIQUE = Technique(
     name="onnx_static",
     summary="static int8 (weights and activations, calibrated ranges): the builder's fp32 ONNX + ONNX Runtime's quantize_static (QDQ)",
     config=OnnxStaticConfig,
+    footprint=loads_model(extra_per_param=8, note="float32 ONNX export, then calibrated QDQ"),
     run=run,
     devices=frozenset({"cpu"}),
     needs_calibration=True,

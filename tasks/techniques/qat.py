@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from byoai.memory import trains_student
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 from byoai.tasks.techniques.distill import DistillConfig, distill
 
@@ -113,7 +114,8 @@ def run(inputs: BuildInputs) -> BuildResult:
         for linear in linears:  # the trained weights, rounded onto the grid for good
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=False)
             linear.weight.copy_(grid(linear.weight, config.quant_type))
-    facts |= {"quant_type": config.quant_type, "on_grid_tensors": len(linears), "grid": f"llama.cpp {config.quant_type} reference rounding"}
+    # saved in float32 whatever the input's dtype: bfloat16 would move the weights off the grid
+    facts |= {"quant_type": config.quant_type, "on_grid_tensors": len(linears), "grid": f"llama.cpp {config.quant_type} reference rounding", "saved_dtype": "float32"}
     return saved(student, tokenizer, inputs, facts=facts)
 
 
@@ -121,6 +123,7 @@ TECHNIQUE = Technique(
     name="qat",
     summary="quantization-aware distillation onto llama.cpp's q4_0/q4_1/q5_0/q5_1/q8_0 grid (then gguf of that type is lossless)",
     config=QatConfig,
+    footprint=trains_student(extra_per_param=4),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

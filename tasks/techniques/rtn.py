@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
-from byoai.tasks.techniques.weight_quant import WeightQuantConfig, quantize_with_llmcompressor
+from byoai.tasks.techniques.weight_quant import WeightQuantConfig, quantize_with_llmcompressor, weight_quant_footprint
 
 
 class RtnConfig(WeightQuantConfig):
@@ -23,6 +23,7 @@ TECHNIQUE = Technique(
     name="rtn",
     summary="round-to-nearest weight-only quantization (llmcompressor)",
     config=RtnConfig,
+    footprint=weight_quant_footprint(calibrated=False),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=False,

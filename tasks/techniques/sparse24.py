@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from byoai.memory import calibrates_layerwise
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
 from byoai.tasks.techniques.pruning import check_n_m_fits, prunable_layers, prune_with_llmcompressor, pruning_facts
 
@@ -77,6 +78,7 @@ TECHNIQUE = Technique(
     name="sparse24",
     summary="2:4 semi-structured pruning (sparsegpt | wanda | magnitude mask)",
     config=Sparse24Config,
+    footprint=calibrates_layerwise("2:4 SparseGPT layer by layer", hessians=True),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     # sparsegpt and wanda (the default) use the calibration windows; magnitude ignores them

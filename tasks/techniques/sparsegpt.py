@@ -11,6 +11,7 @@ from functools import partial
 
 from pydantic import Field
 
+from byoai.memory import calibrates_layerwise
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
 from byoai.tasks.techniques.pruning import PruningConfig, prune_with_llmcompressor
 
@@ -45,6 +46,7 @@ TECHNIQUE = Technique(
     name="sparsegpt",
     summary="SparseGPT unstructured pruning with calibration and weight update (llmcompressor)",
     config=SparseGptConfig,
+    footprint=calibrates_layerwise("SparseGPT layer by layer", hessians=True),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from byoai.memory import calibrates_layerwise
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique
 from byoai.tasks.techniques.pruning import PruningConfig, prune_with_llmcompressor
 
@@ -29,6 +30,7 @@ TECHNIQUE = Technique(
     name="wanda",
     summary="Wanda unstructured pruning with calibration (llmcompressor)",
     config=WandaConfig,
+    footprint=calibrates_layerwise("Wanda layer by layer"),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

@@ -211,3 +211,23 @@ def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate
             **sparsity_facts,
         },
     )
+
+
+def weight_quant_footprint(calibrated: bool, hessians: bool = False):
+    """rtn / gptq / awq: the model whole in its dtype, calibrated one layer at a time (GPTQ with
+    that layer's Hessians); the file holds `bits` per Linear weight plus a 16-bit scale per group."""
+    from byoai.memory import calibrates_layerwise, loads_model, quantized_size
+
+    def artifact(config, shape):
+        return quantized_size(shape, config.bits + 16 / (config.group_size if config.group_size > 0 else shape.hidden))
+
+    if not calibrated:
+        dense = loads_model(note="data-free")
+
+        def footprint(config, ctx):
+            from dataclasses import replace
+
+            return replace(dense(config, ctx), artifact=artifact(config, ctx.shape))
+
+        return footprint
+    return calibrates_layerwise("calibrated one layer at a time (llm-compressor's sequential pipeline)", hessians=hessians, artifact=artifact)
