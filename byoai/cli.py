@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -119,19 +120,27 @@ def run(
     log_file = log_path(settings.resolved_home(), parsed.name)
     term = Console(file=terminal_stream(), width=None if console.is_terminal else 180)
     from byoai.flows.optimize import run_optimize
+    from byoai.lifecycle import Terminated, repair_stale_runs, temporary_prefect_server, terminate_on_sigterm
 
+    uri = settings.tracking(tracking_uri)
+    for run_id, reason in repair_stale_runs(uri):
+        term.print(f"marked MLflow run {run_id} FAILED: {reason}", highlight=False)
     reporter = Reporter(term, total=(len(parsed.variants) + 1) * len(parsed.targets))
-    summary = None
+    summary, code = None, 1
     try:
         with reporter.showing(), (contextlib.nullcontext() if verbose else output_to(log_file)):
-            summary = run_optimize(parsed, tracking_uri)
+            with temporary_prefect_server(settings.resolved_home()), terminate_on_sigterm():
+                summary = run_optimize(parsed, tracking_uri)
+    except Terminated as exc:
+        term.print(f"[bold red]stopped:[/] {exc}; finished steps are cached for the next run", highlight=False)
+        code = 128 + signal.SIGTERM
     except Exception as exc:  # the flow has already recorded the failure in MLflow and Prefect
         term.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}", highlight=False)
     finally:
-        _attach_log(settings.tracking(tracking_uri), reporter.parent_run_id, log_file, term)
+        _attach_log(uri, reporter.parent_run_id, log_file, term)
     if summary is None:
         term.print(f"full log: {log_file}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(code)
     table = Table(title=f"{summary.model_name}: variants x targets")
     for column in ("variant", "target", "runtime", "status", "ppl", "Δppl %", "size MB", "load s", "prefill ms", "decode tok/s", "gate", "version", "champion"):
         table.add_column(column, justify="right" if column not in {"variant", "target", "runtime", "status", "gate"} else "left")
@@ -282,6 +291,40 @@ def build_runtimes(
                 err.print(f"[bold red]{target.name} {name} failed:[/] {exc}", highlight=False)
                 raise typer.Exit(1) from None
             console.print(f"{target.name} {name}: {build.key} {build.path or ''} ({build.build_s:.0f} s to compile)".rstrip())
+
+
+@app.command()
+def runs(
+    repair: Annotated[bool, typer.Option("--repair", help="mark FAILED the RUNNING runs of this host whose process is gone")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """List byoai's RUNNING parent runs on this host and whether their process is alive; --repair fails the dead ones."""
+    import socket
+
+    from byoai.lifecycle import process_alive, repair_stale_runs
+    from byoai.settings import Settings
+    from byoai.tasks.tracking import TAG, client
+
+    uri = Settings().tracking(tracking_uri)
+    if repair:
+        repaired = repair_stale_runs(uri)
+        for run_id, reason in repaired:
+            console.print(f"{run_id}: FAILED ({reason})", highlight=False)
+        console.print(f"{len(repaired)} run(s) repaired")
+        return
+    mlflow = client(uri)
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    found = mlflow.search_runs(experiments, f"tags.`{TAG}kind` = 'flow' and attributes.status = 'RUNNING'") if experiments else []
+    table = Table(title="byoai parent runs RUNNING")
+    for column in ("run", "name", "host", "pid", "process"):
+        table.add_column(column)
+    for run in found:
+        tags = run.data.tags
+        here = tags.get(f"{TAG}host") == socket.gethostname()
+        pid = int(tags.get(f"{TAG}pid", "0") or 0)
+        state = ("alive" if process_alive(pid, float(tags.get(f"{TAG}pid_started", "0") or 0) or None) else "gone (byoai runs --repair)") if here else "another host: not checked"
+        table.add_row(run.info.run_id, run.info.run_name or "", tags.get(f"{TAG}host", ""), str(pid or ""), state)
+    console.print(table)
 
 
 @app.command()

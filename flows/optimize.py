@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 
 from byoai import progress
 from byoai.capability import skip_reason
+from byoai.lifecycle import Terminated
 from byoai.recipe import Recipe
 from byoai.results import result_options
 from byoai.runners import execution, task_runner
@@ -102,7 +103,7 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str
     progress.emit("started", detail=parent.run_id)
     decisions: list[dict] = []
     rows: list[dict] = []
-    status = "FAILED"
+    status, failure = "FAILED", None
     outcome = TargetOutcome()
     try:
         dispatch = dispatch or {}
@@ -116,11 +117,14 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str
                 decisions += promote_champion(uri, recipe.name, target.name, outcome.candidates.get(target.name, []), recipe.promotion)
         if any(r.status == "finished" for r in outcome.results):
             status = "FINISHED"
+    except Terminated as exc:
+        failure = str(exc)
+        raise
     finally:
         rows = [r.model_dump() for r in outcome.results]
         if rows:
             log_report(parent, recipe.name, rows, decisions)
-        finish_parent_run(parent, rows, decisions, status)
+        finish_parent_run(parent, rows, decisions, status, failure)
 
     results = outcome.results
     champions = {d["target"]: d["version"] for d in decisions if d["champion"]}

@@ -21,6 +21,8 @@ class Candidate(BaseModel):
     variant: str
     version: str
     runtime: str = "transformers"
+    # where the gate's reference was measured: "transformers" or "llama_cpp" (a GGUF of the base model)
+    reference_runtime: str = "transformers"
     ppl: float
     ppl_delta_pct: float
     size_mb: float
@@ -34,6 +36,7 @@ class Candidate(BaseModel):
             variant=variant,
             version=version,
             runtime=metrics.runtime,
+            reference_runtime=reference.runtime,
             ppl=metrics.ppl,
             ppl_delta_pct=ppl_delta_pct(metrics, reference),
             size_mb=metrics.size_mb,
@@ -122,6 +125,7 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
             "version": c.version,
             "ppl": round(c.ppl, 4),
             "ppl_delta_pct": round(c.ppl_delta_pct, 3),
+            "reference": c.reference_runtime,
             "size_mb": round(c.size_mb, 3),
             "decode_tok_s": round(c.decode_tok_s, 3),
             "min_task_recovery": round(min(c.task_recovery.values()), 4) if c.task_recovery else None,

@@ -24,7 +24,7 @@ _RESULT_COLUMNS = [
 ]
 _DECISION_COLUMNS = [
     ("target", "target", None), ("variant", "variant", None), ("runtime", "runtime", None), ("version", "version", None),
-    ("ppl_delta_pct", "Δppl %", "+.2f"), ("size_mb", "size MB", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
+    ("ppl_delta_pct", "Δppl %", "+.2f"), ("reference", "vs reference in", None), ("size_mb", "size MB", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
     ("min_task_recovery", "task recovery", ".3f"), ("gate", "gate", None), ("pareto", "Pareto", None),
     ("champion", "champion", None), ("reason", "why", None),
 ]

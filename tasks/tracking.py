@@ -326,8 +326,10 @@ def register_variant(
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def finish_parent_run(parent: RunRef, results: list[dict[str, Any]], decisions: list[dict[str, Any]], status: str) -> None:
+def finish_parent_run(parent: RunRef, results: list[dict[str, Any]], decisions: list[dict[str, Any]], status: str, failure: str | None = None) -> None:
     mlflow = client(parent.tracking_uri)
+    if failure:
+        mlflow.set_tag(parent.run_id, f"{TAG}failure", failure[:5000])
     if results:
         mlflow.log_table(parent.run_id, data=_columns(results), artifact_file="results.json")
     if decisions:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def make_tiny_model(
     folder: Path, hidden: int = 64, intermediate: int = 128, layers: int = 2, vocab: int = 512, tie_word_embeddings: bool = False,
-    tokenizer_dir: Path | None = None,
+    tokenizer_dir: Path | None = None, dtype: str = "float32",
 ) -> Path:
     """`tokenizer_dir`: use that model's tokenizer instead of training one (llama.cpp's converter
     accepts only tokenizers it knows, e.g. SmolLM2's)."""
@@ -28,7 +28,7 @@ def make_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=tie_word_embeddings,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
