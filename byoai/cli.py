@@ -107,9 +107,14 @@ def run(
     recipe: Path,
     tracking_uri: TrackingUri = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream the libraries' logs to the terminal too")] = False,
+    no_register: Annotated[bool, typer.Option("--no-register", help="registered versions point at the built folders instead of copying them into the MLflow store")] = False,
 ) -> None:
     """Build, evaluate, register every variant and promote a champion per target."""
     import contextlib
+    import os
+
+    if no_register:
+        os.environ["BYOAI_REGISTER_COPIES"] = "false"
 
     from byoai.console import Reporter, log_path, output_to, quiet_defaults, terminal_stream
     from byoai.settings import Settings
@@ -120,6 +125,8 @@ def run(
     log_file = log_path(settings.resolved_home(), parsed.name)
     term = Console(file=terminal_stream(), width=None if console.is_terminal else 180)
     from byoai.flows.optimize import run_optimize
+    from prefect.exceptions import TerminationSignal
+
     from byoai.lifecycle import Terminated, repair_stale_runs, temporary_prefect_server, terminate_on_sigterm
 
     uri = settings.tracking(tracking_uri)
@@ -131,8 +138,8 @@ def run(
         with reporter.showing(), (contextlib.nullcontext() if verbose else output_to(log_file)):
             with temporary_prefect_server(settings.resolved_home()), terminate_on_sigterm():
                 summary = run_optimize(parsed, tracking_uri)
-    except Terminated as exc:
-        term.print(f"[bold red]stopped:[/] {exc}; finished steps are cached for the next run", highlight=False)
+    except (Terminated, TerminationSignal) as exc:
+        term.print(f"[bold red]stopped:[/] terminated by signal SIGTERM; finished steps are cached for the next run", highlight=False)
         code = 128 + signal.SIGTERM
     except Exception as exc:  # the flow has already recorded the failure in MLflow and Prefect
         term.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}", highlight=False)

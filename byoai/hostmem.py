@@ -114,9 +114,8 @@ def available_bytes() -> int:
 
 
 def limit_bytes() -> int:
-    """The memory this worker's processes may use at most: the cgroup limit, else the machine's RAM."""
-    if override := os.environ.get("BYOAI_MEMORY_GB"):
-        return int(float(override) * 1e9)
+    """The memory this worker's processes may use at most, as the kernel enforces it: the cgroup
+    limit, else the machine's RAM (never BYOAI_MEMORY_GB: this explains kills)."""
     limit = cgroup_limit_bytes()
     if limit is not None:
         return limit

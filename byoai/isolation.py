@@ -10,6 +10,7 @@ and the cgroup's (or the machine's) count of OOM kills. SIGTERM to byoai stops e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pickle
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,30 @@ def stop_all() -> None:
     timer = threading.Timer(5.0, lambda: [p.kill() for p in live if p.returncode is None])
     timer.daemon = True
     timer.start()
+
+
+@contextlib.contextmanager
+def workers_stopped_on_sigterm() -> Iterator[None]:
+    """Inside a flow: SIGTERM first stops every worker, then goes to the handler that was there
+    (Prefect's engine installs one that ends the flow run; byoai's CLI one under it)."""
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+    except ValueError:  # not the main thread: the process's own handler decides
+        yield
+        return
+
+    def handler(signum, frame):
+        stop_all()
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def worker_main(kind: str, request_file: str, result_file: str, handlers: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ import psutil
 PID_FILE = "prefect-server.pid"
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """byoai received SIGTERM (or SIGINT): the run stops and is recorded as terminated."""
 
 
@@ -84,7 +84,14 @@ def temporary_prefect_server(home: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        server.stop()  # last: the flow's final records went through it
+        # last: Prefect's log and event workers send what they hold first (as Prefect's own test
+        # harness does), bounded, so that none is left retrying a stopped server at exit
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            worker.drain_all(timeout=10, at_exit=False)
+        server.stop()
         (home / PID_FILE).unlink(missing_ok=True)
 
 

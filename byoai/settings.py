@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # Whether transformers may run a model's own modeling code (config.json `auto_map`). Off unless
     # the recipe's model says `trust_remote_code: true`: see `remote_code_policy`.
     trust_remote_code: bool = False
+    # Registered versions hold a copy of the artifact in the MLflow store (false: they point at
+    # the built folder instead, e.g. for multi-GB benchmark artifacts; `byoai run --no-register`).
+    register_copies: bool = True
 
     def resolved_home(self) -> Path:
         return self.home.expanduser().resolve()

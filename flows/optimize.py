@@ -5,15 +5,18 @@ This module only orchestrates; every number is computed in a task.
 
 from __future__ import annotations
 
+import signal
 from collections import defaultdict
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from byoai import progress
 from byoai.capability import skip_reason
+from byoai.isolation import stop_all, workers_stopped_on_sigterm
 from byoai.lifecycle import Terminated
 from byoai.recipe import Recipe
 from byoai.results import result_options
@@ -106,19 +109,23 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str
     status, failure = "FAILED", None
     outcome = TargetOutcome()
     try:
-        dispatch = dispatch or {}
-        started = dispatch_to_pools(dispatch, recipe, parent)
-        local = [t for t in recipe.targets if t.name not in dispatch]
-        if local:
-            measure_targets(recipe, local, parent, outcome)
-        collect_dispatched(started, recipe, parent, outcome)
-        for target in recipe.targets:
-            if target.name in outcome.candidates or any(skip_reason(v, target) is None for v in recipe.variants):
-                decisions += promote_champion(uri, recipe.name, target.name, outcome.candidates.get(target.name, []), recipe.promotion)
-        if any(r.status == "finished" for r in outcome.results):
-            status = "FINISHED"
-    except Terminated as exc:
-        failure = str(exc)
+        with workers_stopped_on_sigterm():
+            dispatch = dispatch or {}
+            started = dispatch_to_pools(dispatch, recipe, parent)
+            local = [t for t in recipe.targets if t.name not in dispatch]
+            if local:
+                measure_targets(recipe, local, parent, outcome)
+            collect_dispatched(started, recipe, parent, outcome)
+            for target in recipe.targets:
+                if target.name in outcome.candidates or any(skip_reason(v, target) is None for v in recipe.variants):
+                    decisions += promote_champion(uri, recipe.name, target.name, outcome.candidates.get(target.name, []), recipe.promotion)
+            if any(r.status == "finished" for r in outcome.results):
+                status = "FINISHED"
+    except (Terminated, TerminationSignal) as exc:
+        # SIGTERM: Prefect's engine turns it into TerminationSignal inside the flow (byoai's own
+        # handler outside it): stop the workers now, record why, let the engine end the run
+        stop_all()
+        failure = f"terminated by signal {signal.Signals(getattr(exc, 'signal', signal.SIGTERM)).name}"
         raise
     finally:
         rows = [r.model_dump() for r in outcome.results]

@@ -76,9 +76,12 @@ def evaluate_in_runtime(
         dtype=target.dtype, threads=target.threads, build=build, windows_path=perplexity_tokens.path,
         latency=latency.model_dump(mode="json"), lm_eval=lm_eval.model_dump(mode="json") if lm_eval else None,
     )
+    import time
+
+    started = time.perf_counter()
     measured = measure_isolated(request, RUNTIMES[runtime].worker_env(build))
-    metrics = Metrics(
-        **measured.model_dump(), size_mb=artifact.size_bytes / 1e6, runtime=runtime, runtime_build=build.key,
-    )
+    values = measured.model_dump()
+    values["profile"] = values["profile"] | {"evaluate_s": round(time.perf_counter() - started, 2)}
+    metrics = Metrics(**values, size_mb=artifact.size_bytes / 1e6, runtime=runtime, runtime_build=build.key)
     step_logger().info("%s on %s in %s: ppl %.3f, decode %.1f tok/s", artifact.technique, target.name, runtime, metrics.ppl, metrics.decode_tok_s)
     return metrics

@@ -291,9 +291,13 @@ def register_variant(
         if version.tags.get(f"{TAG}target") == target.name and version.tags.get(f"{TAG}runtime_build") == build.key:
             mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
             return VersionRef(name=recipe_name, version=str(version.version), source=version.source, created=False)
+    from byoai.settings import Settings
+
     if same_artifact:
         first = min(same_artifact, key=lambda v: int(v.version))
         source, source_run = f"models:/{recipe_name}/{first.version}", None
+    elif not Settings().register_copies:  # the version points at the built folder: no copy
+        source, source_run = Path(artifact.path).as_uri(), run_id
     else:
         # the model as it ships: a technique's report/ goes to the evaluation run instead
         for item in sorted(Path(artifact.path).iterdir()):
@@ -357,6 +361,7 @@ def mark_flow_run_failed(tracking_uri: str, flow_run_id: str, reason: str) -> No
         for run in mlflow.search_runs(experiments, f"tags.`{tag}` = '{flow_run_id}'")
     ]
     for run in runs:
-        mlflow.set_tag(run.info.run_id, f"{TAG}failure", reason[:5000])
+        if f"{TAG}failure" not in run.data.tags:  # the flow's own reason (e.g. terminated by signal) stands
+            mlflow.set_tag(run.info.run_id, f"{TAG}failure", reason[:5000])
         if run.info.status == "RUNNING":
             mlflow.set_terminated(run.info.run_id, "FAILED")

@@ -211,7 +211,9 @@ def test_an_allocation_past_a_cgroup_limit_fails_only_that_variant(bf16_model, w
     group.mkdir()
     try:
         (group / "memory.limit_in_bytes").write_text(str(4 * 10**9))
-        recipe = gguf_recipe(workdir, bf16_model, VARIANTS.splitlines()[0] + "\n" + VARIANTS.splitlines()[2] + "\n")
+        # a batch whose logits alone take ~10 GB: more than the group's 4 GB, far less than the plan's 200
+        wide = VARIANTS.splitlines()[2].replace("batch_size: 4096", "batch_size: 200")
+        recipe = gguf_recipe(workdir, bf16_model, VARIANTS.splitlines()[0] + "\n" + wide + "\n")
         environment = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
         # the plan believes the machine is big: the kernel, not the plan, stops the wide batch
         environment |= {"BYOAI_HOME": str(workdir / ".byoai"), "HF_HUB_OFFLINE": "1", "BYOAI_MEMORY_GB": "200"}
