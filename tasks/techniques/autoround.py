@@ -59,7 +59,9 @@ def run(inputs: BuildInputs) -> BuildResult:
     with tempfile.TemporaryDirectory(prefix="byoai-autoround-", dir=inputs.out_dir.parent) as work:
         rounder = AutoRound(
             model, tokenizer, scheme=scheme, dataset=windows, iters=config.iters, nsamples=n_samples, seqlen=seq_len,
-            batch_size=min(config.batch_size, n_samples), device_map=inputs.device, seed=config.seed, **extra,
+            batch_size=min(config.batch_size, n_samples), device_map=inputs.device, seed=config.seed,
+            # its memory-lean modes: block inputs kept off the GPU, finished blocks offloaded to disk
+            low_gpu_mem_usage=inputs.device == "cuda", low_cpu_mem_usage=True, **extra,
         )
         try:
             rounder.quantize_and_save(work, format="auto_gptq" if gptq else scheme)

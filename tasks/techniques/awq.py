@@ -149,9 +149,7 @@ def _run_gptqmodel(inputs: BuildInputs) -> BuildResult:
         group_size=config.group_size,
         sym=not config.zero_point,
         format=FORMAT.GEMM,  # the AutoAWQ GEMM layout transformers loads
-        # GPTQModel by default offloads each finished layer to disk to fit huge models in RAM;
-        # a model that is loaded whole only pays the disk time.
-        offload_to_disk=False,
+        offload_to_disk=gptqmodel_backend.offload_to_disk(inputs.model_dir),
     )
     if inputs.device == "cuda":
         # GPTQModel picks its fast CUDA AWQ kernel; AWQ kernels compute in float16.

@@ -280,7 +280,7 @@ def mixed_footprint(config: GgufMixedConfig, ctx):
     """Sensitivity holds the whole model with a gradient per weight and a float32 Fisher
     accumulator (or, for `measure: kl`, one forward at a time); then the GGUF export. Computed
     for the whole model at once, not layer by layer: the plan skips it where that does not fit."""
-    from byoai.memory import PROCESS_BYTES, Footprint, forward_bytes, gguf_export
+    from byoai.memory import PROCESS_BYTES, Footprint, forward_bytes, gguf_export_footprint
 
     shape = ctx.shape
     tokens = ctx.windows.calibration_seq_len

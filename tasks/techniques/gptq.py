@@ -75,9 +75,7 @@ def _run_gptqmodel(inputs: BuildInputs) -> BuildResult:
         group_size=config.group_size,
         sym=config.symmetric,
         damp_percent=config.dampening_frac,
-        # GPTQModel by default offloads each finished layer to a temp folder to fit huge models in
-        # RAM; a model that is already loaded whole only pays the disk time (4x on the tiny model).
-        offload_to_disk=False,
+        offload_to_disk=gptqmodel_backend.offload_to_disk(inputs.model_dir),
         **_gptqmodel_ordering(config),
     )
     # GPTQModel's defaults: bfloat16 on CPU (its CPU int4 kernel computes in bfloat16 anyway, and

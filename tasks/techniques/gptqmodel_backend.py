@@ -88,6 +88,16 @@ def calibration_rows(calibration_ids) -> list[dict[str, list[int]]]:
 
 
 @contextmanager
+def offload_to_disk(model_dir: Path) -> bool:
+    """GPTQModel's offload_to_disk (each finished layer to a temporary folder) for a checkpoint
+    that takes more than a third of this worker's free RAM; a small model would only pay the disk
+    time (4x on the tiny model)."""
+    from byoai.hostmem import available_bytes
+
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    return weights * 3 > available_bytes()
+
+
 def plain_input(inputs: BuildInputs, model, tokenizer):
     """A folder GPTQModel can read (it loads folders, not model objects): yields its path.
 
