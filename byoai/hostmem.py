@@ -135,14 +135,3 @@ def device_free_bytes() -> int | None:
         return int(free)
     except Exception:  # noqa: BLE001 - a broken driver is "no GPU" for planning
         return None
-
-
-def peak_rss_bytes(pid: int) -> int | None:
-    """The high-water mark of a live process's resident memory (VmHWM), or None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None

@@ -25,7 +25,6 @@ class ModelShape:
 
     params: int
     embedding_params: int  # input embeddings + untied lm_head: kept in float by most techniques
-    largest_tensor: int  # elements of the largest tensor (a lazy converter's peak)
     layers: int
     hidden: int
     intermediate: int
@@ -67,7 +66,6 @@ def shape_from_config(config: dict) -> ModelShape:
     return ModelShape(
         params=sum(t.numel() for t in tensors.values()),
         embedding_params=embedding,
-        largest_tensor=max(t.numel() for t in tensors.values()),
         layers=text.num_hidden_layers,
         hidden=text.hidden_size,
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
@@ -97,7 +95,6 @@ def shape_from_gguf(path: Path) -> ModelShape:
     return ModelShape(
         params=sum(sizes.values()),
         embedding_params=sum(n for name, n in sizes.items() if name in {"token_embd.weight", "output.weight"}),
-        largest_tensor=max(sizes.values()),
         layers=layers,
         hidden=hidden,
         intermediate=value(".feed_forward_length", 4 * hidden),
@@ -214,9 +211,6 @@ class VariantPlan:
     @property
     def peak_device(self) -> int:
         return max((r.device for r in self.rows), default=0)
-
-    def worst(self) -> PlanRow | None:
-        return max(self.rows, key=lambda r: (r.host, r.device), default=None)
 
     def skip_reason(self) -> str | None:
         """Why this variant cannot run on the capacity, with the numbers; None when it fits."""
