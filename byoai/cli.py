@@ -130,12 +130,13 @@ def run(
     from byoai.lifecycle import Terminated, repair_stale_runs, temporary_prefect_server, terminate_on_sigterm
 
     uri = settings.tracking(tracking_uri)
-    for run_id, reason in repair_stale_runs(uri):
-        term.print(f"marked MLflow run {run_id} FAILED: {reason}", highlight=False)
     reporter = Reporter(term, total=(len(parsed.variants) + 1) * len(parsed.targets))
     summary, code = None, 1
     try:
         with reporter.showing(), (contextlib.nullcontext() if verbose else output_to(log_file)):
+            # what an earlier run that died left behind (the store's own chatter goes to the log)
+            for run_id, reason in repair_stale_runs(uri):
+                term.print(f"marked MLflow run {run_id} FAILED: {reason}", highlight=False)
             with temporary_prefect_server(settings.resolved_home()), terminate_on_sigterm():
                 summary = run_optimize(parsed, tracking_uri)
     except (Terminated, TerminationSignal) as exc:
