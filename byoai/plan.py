@@ -115,7 +115,7 @@ def plan_memory(recipe: Recipe, shape: ModelShape, targets: list[TargetProfile],
             runtime, reference = chosen
             plan.variants.append(reference)
             plan.reference_runtime[target.name] = runtime if reference.skip_reason() is None else None
-            if runtime != REFERENCE_RUNTIME and reference.skip_reason() is None:
+            if runtime != REFERENCE_RUNTIME and REFERENCE_RUNTIME in target.runtimes and reference.skip_reason() is None:
                 plan.notes.append(f"{target.name}: the base model does not fit in transformers; the gate's reference is its {GGUF_REFERENCE_TYPES[shape.dtype]} GGUF in llama.cpp")
         for variant in recipe.variants:
             plan.variants.append(plan_variant(variant, target, ctx, room))
@@ -135,6 +135,16 @@ def workers_that_fit(plan: MemoryPlan, targets: list[TargetProfile], capacity, w
         if sum(peaks[:n]) <= room:
             return n
     return 1
+
+
+def workers_that_fit_here(recipe: Recipe, wanted: int) -> int:
+    """How many heavy steps may run at once on this worker (before the flow starts its runner);
+    `wanted` when the model's shape cannot be read yet (a hub model offline: the flow reports it)."""
+    try:
+        shape = model_shape(recipe)
+    except Exception:  # noqa: BLE001 - resolving the model is the flow's job, with its retries
+        return wanted
+    return plan_memory(recipe, shape, list(recipe.targets), lambda target: capacity_here(), wanted).max_workers
 
 
 # ---------------------------------------------------------------- the model's shape, without weights

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from byoai import progress
 from byoai.capability import skip_reason
 from byoai.isolation import stop_all, workers_stopped_on_sigterm
+from byoai.log import step_logger
 from byoai.lifecycle import Terminated
 from byoai.recipe import Recipe
 from byoai.results import result_options
@@ -158,8 +159,15 @@ def run_optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict
 
 
 def optimize_for(recipe: Recipe, settings: Settings):
-    """The optimize flow configured for a recipe: its task runner, results under BYOAI_HOME."""
-    runner = task_runner(execution(recipe.execution, settings))
+    """The optimize flow configured for a recipe: its task runner (no more heavy steps at once
+    than the memory plan lets fit), results under BYOAI_HOME."""
+    from byoai.plan import workers_that_fit_here
+
+    spec = execution(recipe.execution, settings)
+    if spec.max_workers > 1 and (fits := workers_that_fit_here(recipe, spec.max_workers)) < spec.max_workers:
+        step_logger().warning("running %d heavy steps at once, not %d: more would not fit in memory (byoai plan)", fits, spec.max_workers)
+        spec = spec.model_copy(update={"max_workers": fits})
+    runner = task_runner(spec)
     return optimize.with_options(task_runner=runner, **result_options(settings.results_dir()))
 
 

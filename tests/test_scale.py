@@ -246,3 +246,17 @@ def test_plan_with_a_model_config_needs_no_weights(tmp_path):
     assert "target cuda-h100 (its profile's memory_gb/device_memory_gb) has 256.0 GB host RAM, GPU 80.0 GB" in result.output
     result = CliRunner().invoke(app, ["plan", str(demo), "--model-config", str(tmp_path / "missing.json")])
     assert result.exit_code == 2 and "file not found" in result.output
+
+
+def test_the_plan_runs_heavy_steps_one_at_a_time_when_they_would_not_fit_together(bf16_model, workdir):
+    from byoai.memory import Capacity
+    from byoai.plan import model_shape, plan_memory
+    from byoai.recipe import load_recipe
+
+    parsed = load_recipe(gguf_recipe(workdir, bf16_model, VARIANTS.splitlines()[0] + "\n" + VARIANTS.splitlines()[1] + "\n"))
+    shape = model_shape(parsed)
+    roomy = plan_memory(parsed, shape, list(parsed.targets), lambda t: Capacity(host=10**12, device=None, source="test"), max_workers=3)
+    largest = max(p.peak_host for p in roomy.variants)
+    assert roomy.max_workers == 3 and not any("one at a time" in note for note in roomy.notes)
+    tight = plan_memory(parsed, shape, list(parsed.targets), lambda t: Capacity(host=int(1.5 * largest), device=None, source="test"), max_workers=3)
+    assert tight.max_workers == 1 and "heavy steps run one at a time" in tight.notes[-1]
