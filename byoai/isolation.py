@@ -1,21 +1,27 @@
 """Heavy steps in a process of their own: an out-of-memory kill or a signal fails one step, never the flow.
 
-Builds and evaluations run in a worker process (`python -m byoai.worker`). Each worker is the
-kernel's first choice when memory runs out (its `oom_score_adj` is raised), dies with the flow
-process (PR_SET_PDEATHSIG), and is reaped with `wait4`, so its true peak resident memory is known
-even when it was killed. A worker's death is explained from what the kernel recorded: the signal,
-and the cgroup's (or the machine's) count of OOM kills. SIGTERM to byoai stops every live worker
-(`stop_all`) before the flow records the run as terminated.
+Builds, evaluations and GGUF materializing run in a worker process forked from a forkserver
+(multiprocessing's, the way PyTorch's data loaders start theirs) that has torch and transformers
+imported already: a worker starts in milliseconds instead of the seconds a fresh interpreter
+needs. The forkserver is single-threaded and has run no torch op, so forking it is safe. Each
+worker takes the caller's environment, working directory and PYTHONPATH (a compiled runtime's
+build), is the kernel's first choice when memory runs out (its `oom_score_adj` is raised), and
+dies with its parent (PR_SET_PDEATHSIG; the forkserver ends with the flow). Its peak resident
+memory (VmHWM, and the largest of the tools it ran) is reported by the worker itself and watched
+from here, so a killed worker's peak is known too. A worker's death is explained from what the
+kernel recorded: the signal, and the cgroup's (or the machine's) count of OOM kills. SIGTERM to
+byoai stops every live worker (`stop_all`) before the flow records the run as terminated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import pickle
+import resource
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,7 +36,12 @@ from byoai import hostmem
 WORKER_OOM_SCORE_ADJ = 1000
 _PR_SET_PDEATHSIG = 1
 
-_live: set[subprocess.Popen] = set()
+# torch and transformers imported once, in the forkserver (byoai.worker imports them)
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["byoai.worker"])
+_PR_SET_NAME = 15
+
+_live: set[multiprocessing.process.BaseProcess] = set()
 _live_lock = threading.Lock()
 _stopping = threading.Event()
 
@@ -57,16 +68,35 @@ def _oom_counters() -> tuple[int, int]:
     return hostmem.oom_kills(), _system_oom_kills()
 
 
-def _as_worker() -> None:
-    """In the child before exec: the kernel's first OOM victim, and gone when its parent is."""
+def _as_worker(name: str) -> None:
+    """In the worker: the kernel's first OOM victim, gone when its parent is, named for `ps`."""
     try:
         Path("/proc/self/oom_score_adj").write_text(str(WORKER_OOM_SCORE_ADJ))
     except OSError:
         pass
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_NAME, name.encode()[:15])
     except (OSError, AttributeError):
         pass
+
+
+def _vm_hwm(pid: int | str = "self") -> int | None:
+    """A live process's resident high-water mark (VmHWM), or None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def own_peak() -> int:
+    """This worker's peak, or that of the largest tool it ran (llama-quantize, the converter)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return max(_vm_hwm() or 0, children)
 
 
 def death_reason(returncode: int, peak: int | None, oom_before: tuple[int, int]) -> str:
@@ -80,42 +110,42 @@ def death_reason(returncode: int, peak: int | None, oom_before: tuple[int, int])
     return f"killed by {name} (peak {_gb(peak)})"
 
 
-def run_worker(kind: str, request: str, env: dict[str, str] | None = None) -> tuple[Any, int | None, str]:
-    """Run `python -m byoai.worker KIND` on a JSON request; return (result, peak RSS bytes, output).
-
-    The worker writes its result (or the exception it raised) as a pickle; an exception is raised
-    here again as it was, a death as WorkerKilled.
-    """
+def run_worker(kind: str, request: str, env: dict[str, str] | None = None, name: str | None = None) -> tuple[Any, int | None, str]:
+    """Run byoai.worker's KIND handler on a JSON request in a worker process; return (result,
+    peak RSS bytes, its output). An exception the handler raised is raised here again as it was,
+    a death as WorkerKilled. `env` is the worker's environment (default: this process's); `name`
+    its process name (default byoai-KIND)."""
     if _stopping.is_set():
         raise WorkerKilled("stopped: byoai was terminated by signal")
     with tempfile.TemporaryDirectory(prefix=f"byoai-{kind}-") as tmp:
         request_file, result_file, output = Path(tmp, "request.json"), Path(tmp, "result.pickle"), Path(tmp, "output.log")
         request_file.write_text(request)
         oom_before = _oom_counters()
-        with open(output, "w") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "byoai.worker", kind, str(request_file), str(result_file)],
-                stdout=out, stderr=subprocess.STDOUT, env=env if env is not None else dict(os.environ), preexec_fn=_as_worker,
-            )
+        process = _CONTEXT.Process(
+            target=_worker_entry, name=name or f"byoai-{kind}",
+            args=(kind, str(request_file), str(result_file), str(output), dict(env if env is not None else os.environ), os.getcwd(), name or f"byoai-{kind}"),
+        )
+        process.start()
         with _live_lock:
             _live.add(process)
+        watched = 0
         try:
-            _, status, usage = os.wait4(process.pid, 0)
-            process.returncode = os.waitstatus_to_exitcode(status)
+            while process.is_alive():  # its high-water mark, for a worker that gets killed
+                watched = max(watched, _vm_hwm(process.pid) or 0)
+                process.join(0.5)
         finally:
             with _live_lock:
                 _live.discard(process)
-        peak = usage.ru_maxrss * 1024
-        text = output.read_text(errors="replace")
-        if process.returncode < 0:
-            raise WorkerKilled(death_reason(process.returncode, peak, oom_before))
+        text = output.read_text(errors="replace") if output.is_file() else ""
+        if process.exitcode < 0:
+            raise WorkerKilled(death_reason(process.exitcode, watched or None, oom_before))
         if not result_file.is_file():
             tail = "\n".join(text.strip().splitlines()[-15:])
-            raise RuntimeError(f"the {kind} worker exited with {process.returncode} and no result:\n{tail}")
-        ok, value = pickle.loads(result_file.read_bytes())
+            raise RuntimeError(f"the {kind} worker exited with {process.exitcode} and no result:\n{tail}")
+        ok, value, peak = pickle.loads(result_file.read_bytes())
         if not ok:
             raise value
-        return value, peak, text
+        return value, max(peak, watched), text
 
 
 def stop_all() -> None:
@@ -126,9 +156,9 @@ def stop_all() -> None:
     for process in live:
         try:
             process.terminate()
-        except ProcessLookupError:
+        except (ProcessLookupError, AttributeError):
             pass
-    timer = threading.Timer(5.0, lambda: [p.kill() for p in live if p.returncode is None])
+    timer = threading.Timer(5.0, lambda: [p.kill() for p in live if p.is_alive()])
     timer.daemon = True
     timer.start()
 
@@ -157,11 +187,30 @@ def workers_stopped_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
-def worker_main(kind: str, request_file: str, result_file: str, handlers: dict[str, Any]) -> None:
-    """The worker's side: run the handler, write (True, result) or (False, exception)."""
+def _worker_entry(kind: str, request_file: str, result_file: str, output: str, env: dict[str, str], cwd: str, name: str) -> None:
+    """The worker's side: the caller's environment, folder and import path; the handler's result
+    (or the exception it raised) and this worker's peak, pickled to result_file."""
+    _as_worker(name)
+    # The forkserver hands every worker the flow's "alive" pipe, and stays up while any holder
+    # lives: a worker must not hold it, or a dead flow would leave the forkserver and the worker
+    # running. Without it the forkserver exits with the flow, and PR_SET_PDEATHSIG ends the worker.
+    from multiprocessing import forkserver
+
+    if (alive := forkserver._forkserver._forkserver_alive_fd) is not None:
+        os.close(alive)
+        forkserver._forkserver._forkserver_alive_fd = None
+    log = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    os.chdir(cwd)
+    from byoai.worker import HANDLERS
+
     request = Path(request_file).read_text()
     try:
-        outcome = (True, handlers[kind](request))
+        outcome = (True, HANDLERS[kind](request))
     except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it
         exc.add_note("in the worker process:\n" + "".join(traceback.format_exception(exc)))
         try:
@@ -169,4 +218,6 @@ def worker_main(kind: str, request_file: str, result_file: str, handlers: dict[s
         except Exception:  # noqa: BLE001 - an exception that does not pickle is sent as text
             exc = RuntimeError(f"{type(exc).__name__}: {exc}")
         outcome = (False, exc)
-    Path(result_file).write_bytes(pickle.dumps(outcome))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    Path(result_file).write_bytes(pickle.dumps((*outcome, own_peak())))

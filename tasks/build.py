@@ -141,7 +141,7 @@ def build_variant(
             technique=technique, params=config.model_dump(mode="json"), model_dir=model.path, out_dir=str(tmp),
             calibration=calibration, device=device, base_model_dir=base.path,
         )
-        outcome, peak, output = run_worker("build", request.model_dump_json())
+        outcome, peak, output = run_worker("build", request.model_dump_json(), name=f"byoai-{technique}")
         build_s = time.perf_counter() - started
         if output.strip():
             step_logger().debug("build worker output (%s):\n%s", technique, output[-10000:])

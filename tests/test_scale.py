@@ -62,16 +62,14 @@ def start_run(recipe: Path, workdir: Path, **env: str) -> subprocess.Popen:
 
 
 def build_worker(run: subprocess.Popen, technique: str, timeout: float = 300) -> psutil.Process:
-    """The worker process building `technique` for this run, once it has started."""
+    """The worker process building `technique` for this run (named byoai-<technique>), once it has started."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in psutil.Process(run.pid).children(recursive=True):
             try:
-                cmd = child.cmdline()
-                if "byoai.worker" in cmd and cmd[cmd.index("byoai.worker") + 1] == "build":
-                    if json.loads(Path(cmd[cmd.index("byoai.worker") + 2]).read_text())["technique"] == technique:
-                        return child
-            except (psutil.NoSuchProcess, OSError, ValueError, IndexError):
+                if child.name() == f"byoai-{technique}"[:15]:
+                    return child
+            except psutil.NoSuchProcess:
                 continue
         assert run.poll() is None, run.stdout.read()
         time.sleep(0.5)

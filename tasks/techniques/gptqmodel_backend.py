@@ -87,7 +87,6 @@ def calibration_rows(calibration_ids) -> list[dict[str, list[int]]]:
     return [{"input_ids": row, "attention_mask": [1] * len(row)} for row in calibration_ids.tolist()]
 
 
-@contextmanager
 def offload_to_disk(model_dir: Path) -> bool:
     """GPTQModel's offload_to_disk (each finished layer to a temporary folder) for a checkpoint
     that takes more than a third of this worker's free RAM; a small model would only pay the disk
@@ -98,6 +97,7 @@ def offload_to_disk(model_dir: Path) -> bool:
     return weights * 3 > available_bytes()
 
 
+@contextmanager
 def plain_input(inputs: BuildInputs, model, tokenizer):
     """A folder GPTQModel can read (it loads folders, not model objects): yields its path.
 

@@ -17,7 +17,7 @@ def write_load_kwargs(folder: Path, load_kwargs: dict) -> None:
 def load_kwargs(folder: Path) -> dict:
     """from_pretrained arguments a folder needs: e.g. a quantization applied at load time.
 
-    Users loading a registered artifact themselves pass the same (see README, Techniques).
+    Users loading a registered artifact themselves pass the same (see docs/techniques.md).
     """
     path = folder / LOAD_FILE
     if not path.is_file():
