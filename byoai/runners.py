@@ -14,7 +14,12 @@ def execution(spec: ExecutionSpec, settings: Settings) -> ExecutionSpec:
 
 def task_runner(spec: ExecutionSpec):
     if spec.runner == "dask":
+        import dask
         from prefect_dask import DaskTaskRunner
+
+        # byoai's tasks start worker processes of their own (byoai.isolation): Dask's worker
+        # processes must not be daemonic, or Python refuses them children
+        dask.config.set({"distributed.worker.daemon": False})
 
         if spec.address:
             return DaskTaskRunner(address=spec.address)
