@@ -43,14 +43,16 @@ class Artifact(BaseModel):
         return ModelRef(path=self.path, sha=self.sha, source=f"artifact:{self.technique}")
 
 
-def check_reload(folder: Path, in_memory_logits, ids, device: str) -> dict[str, float]:
+def check_reload(folder: Path, in_memory_logits, ids, device: str, dtype: str = "auto") -> dict[str, float]:
     """Reload the saved folder; fail if it does not compute what the in-memory model computed.
 
     Also measures the reloaded weights' sparsity, so pruned variants report what was saved.
     """
     from byoai.tasks.techniques.io import load_model, logits, weight_sparsity
 
-    model, _ = load_model(folder, device_map=device)
+    import torch
+
+    model, _ = load_model(folder, device_map=device, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     reloaded = logits(model, ids)
     rel_err = float((reloaded - in_memory_logits).norm() / in_memory_logits.norm())
     if not rel_err <= RELOAD_TOLERANCE:
@@ -97,7 +99,7 @@ def run_technique(request: BuildRequest) -> BuildOutcome:
 
             write_load_kwargs(out, result.load_kwargs)
         if result.probe_logits is not None:
-            facts.update(check_reload(out, result.probe_logits, probe_ids(ids), request.device))
+            facts.update(check_reload(out, result.probe_logits, probe_ids(ids), request.device, result.probe_dtype))
     return BuildOutcome(facts=facts, format=result.format, unchanged=unchanged)
 
 

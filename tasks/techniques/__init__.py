@@ -42,6 +42,9 @@ class BuildResult:
     # Logits of the in-memory result on `probe_ids(calibration_ids)`. When given, the build step
     # reloads the saved folder and fails the variant if its logits diverge (silent corruption).
     probe_logits: Any = None
+    # The dtype the probe logits were computed in, which the reload check loads the folder in
+    # ("auto": the checkpoint's own; GPTQModel's references are float32 upcasts)
+    probe_dtype: str = "auto"
     # Keyword arguments for from_pretrained that the saved folder needs (e.g. a quantization config
     # applied at load time); written to byoai_load.json beside the weights.
     load_kwargs: dict[str, Any] | None = None

@@ -240,4 +240,5 @@ def finish(inputs: BuildInputs, facts: dict[str, Any], **more: Any) -> BuildResu
     """BuildResult with the reference logits of the saved folder (see reference_logits)."""
     with device_thread_pool():
         probe, how = reference_logits(inputs.out_dir, probe_ids(inputs.calibration_ids), inputs.device)
-    return BuildResult(model_dir=inputs.out_dir, probe_logits=probe, facts={**facts, **more, "probe_reference": how})
+    # the references are float32 computations (an upcast bfloat16 model, or dense float32 weights)
+    return BuildResult(model_dir=inputs.out_dir, probe_logits=probe, probe_dtype="float32", facts={**facts, **more, "probe_reference": how})
