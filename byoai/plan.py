@@ -40,7 +40,11 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
 
     def of(self, variant: str, target: str) -> VariantPlan | None:
-        return next((p for p in self.variants if p.variant == variant and p.target == target), None)
+        """The variant's plan on a target; a search trial (<variant>-tN) is planned as its variant."""
+        for name in (variant, variant.rsplit("-t", 1)[0]):
+            if found := next((p for p in self.variants if p.variant == name and p.target == target), None):
+                return found
+        return None
 
 
 def windows_of(recipe: Recipe) -> Windows:

@@ -137,12 +137,10 @@ class Loop:
         if target.name not in self.reference:
             return f"the gate's reference does not fit on this worker ({self.memory.of('reference', target.name).skip_reason()})"
         planned = self.memory.of(variant.name, target.name)
-        if planned is None:  # a search trial: planned as its base variant
-            planned = self.memory.of(variant.name.rsplit("-t", 1)[0], target.name)
         return planned.skip_reason() if planned else None
 
     def planned_peak(self, variant: str, target: str) -> dict[str, float]:
-        planned = self.memory.of(variant, target) or self.memory.of(variant.rsplit("-t", 1)[0], target)
+        planned = self.memory.of(variant, target)
         if planned is None:
             return {}
         return {"plan.peak_mem_mb": planned.peak_host / 1e6, **({"plan.peak_device_mem_mb": planned.peak_device / 1e6} if planned.peak_device else {})}
