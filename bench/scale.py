@@ -61,7 +61,7 @@ def generate(name: str, folder: Path, tokenizer_dir: Path) -> Path:
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")  # bf16 on meta first: an f32 8B body is 29.5 GB
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for pname, param in model.named_parameters():
