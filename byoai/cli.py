@@ -116,11 +116,10 @@ def run(
     if no_register:
         os.environ["BYOAI_REGISTER_COPIES"] = "false"
 
-    from byoai.console import Reporter, log_path, output_to, quiet_defaults, terminal_stream
+    from byoai.console import Reporter, log_path, output_to, terminal_stream
     from byoai.settings import Settings
 
     parsed = _load(recipe, data=True)
-    quiet_defaults()
     settings = Settings()
     log_file = log_path(settings.resolved_home(), parsed.name)
     term = Console(file=terminal_stream(), width=None if console.is_terminal else 180)
@@ -130,7 +129,7 @@ def run(
     from byoai.lifecycle import Terminated, repair_stale_runs, temporary_prefect_server, terminate_on_sigterm
 
     uri = settings.tracking(tracking_uri)
-    reporter = Reporter(term, total=(len(parsed.variants) + 1) * len(parsed.targets))
+    reporter = Reporter(term)
     summary, code = None, 1
     try:
         with reporter.showing(), (contextlib.nullcontext() if verbose else output_to(log_file)):
@@ -139,8 +138,8 @@ def run(
                 term.print(f"marked MLflow run {run_id} FAILED: {reason}", highlight=False)
             with temporary_prefect_server(settings.resolved_home()), terminate_on_sigterm():
                 summary = run_optimize(parsed, tracking_uri)
-    except (Terminated, TerminationSignal) as exc:
-        term.print(f"[bold red]stopped:[/] terminated by signal SIGTERM; finished steps are cached for the next run", highlight=False)
+    except (Terminated, TerminationSignal):
+        term.print("[bold red]stopped:[/] terminated by signal SIGTERM; finished steps are cached for the next run", highlight=False)
         code = 128 + signal.SIGTERM
     except Exception as exc:  # the flow has already recorded the failure in MLflow and Prefect
         term.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}", highlight=False)
@@ -163,6 +162,8 @@ def run(
     term.print(table)
     for target, version in summary.champions.items():
         term.print(f"champion-{target}: " + (f"version {version}" if version else "none (no variant passed the gate)"))
+        for verdict in (d["reason"] for d in summary.decisions if d["target"] == target and d["variant"] == "input"):
+            term.print(f"  {verdict}", highlight=False)
     term.print(
         f"MLflow parent run {summary.parent_run_id}; open the UI with:\n  mlflow ui --backend-store-uri {summary.tracking_uri}\n"
         f"full log: {log_file}",

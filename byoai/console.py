@@ -67,10 +67,13 @@ def output_to(path: Path) -> Iterator[None]:
 
 
 class Reporter:
-    """Rows of (variant, target): stage, runtime, elapsed, outcome; overall progress."""
+    """Rows of (variant, target): stage, runtime, elapsed, outcome or progress; a counter of the rows shown."""
 
-    def __init__(self, console: Console, total: int):
-        self.console, self.total = console, total
+    # plain lines (no terminal): a long step's progress at most this often per row
+    PROGRESS_EVERY_S = 30.0
+
+    def __init__(self, console: Console):
+        self.console = console
         self.rows: dict[tuple[str, str], dict] = {}
         self.parent_run_id: str | None = None
         self.started = time.monotonic()
@@ -82,21 +85,28 @@ class Reporter:
             self.line(f"MLflow parent run {event.detail}")
             return
         key = (event.variant, event.target)
-        row = self.rows.setdefault(key, {"since": time.monotonic(), "runtime": "", "stage": "", "detail": ""})
-        if event.stage == "building" and row["stage"] == "queued":
-            row["since"] = time.monotonic()
-        row.update(stage=event.stage, detail=event.detail if event.stage in _DONE else "")
+        row = self.rows.setdefault(key, {"since": time.monotonic(), "working": False, "runtime": "", "stage": "", "detail": "", "printed": 0.0})
+        if row["stage"] in _DONE:  # a row that ended stays ended (a shared build's late progress)
+            return
+        same_stage = event.stage == row["stage"]
+        if not row["working"] and event.stage not in ("waiting", *_DONE):
+            row.update(since=time.monotonic(), working=True)  # elapsed counts from the first work, not the wait
+        row.update(stage=event.stage, detail=event.detail)
         row["runtime"] = event.runtime or row["runtime"]
         if self.live is not None:
             self.live.update(self.table())
-        elif event.stage != "queued":
-            runtime = f" [{row['runtime']}]" if row["runtime"] else ""
-            detail = f": {event.detail}" if event.stage in _DONE and event.detail else ""
-            self.line(f"{event.variant} @ {event.target}{runtime}: {event.stage}{detail}{self.counter()}")
+            return
+        now = time.monotonic()
+        if same_stage and (not event.detail or now - row["printed"] < self.PROGRESS_EVERY_S):
+            return
+        row["printed"] = now
+        runtime = f" [{row['runtime']}]" if row["runtime"] else ""
+        detail = f": {event.detail}" if event.detail else ""
+        self.line(f"{event.variant} @ {event.target}{runtime}: {event.stage}{detail}{self.counter()}")
 
     def counter(self) -> str:
         finished = sum(1 for r in self.rows.values() if r["stage"] in _DONE)
-        return f"  ({finished}/{self.total} done, {time.monotonic() - self.started:.0f} s)"
+        return f"  ({finished}/{len(self.rows)} done, {time.monotonic() - self.started:.0f} s)"
 
     def line(self, text: str) -> None:
         if self.live is not None:
@@ -109,8 +119,8 @@ class Reporter:
         for column in ("variant", "target", "runtime", "stage", "elapsed", ""):
             table.add_column(column)
         for (variant, target), row in self.rows.items():
-            style = {"done": "green", "failed": "red", "skipped": "yellow"}.get(row["stage"], "cyan")
-            elapsed = "" if row["stage"] in _DONE or row["stage"] == "queued" else f"{time.monotonic() - row['since']:.0f} s"
+            style = {"done": "green", "failed": "red", "skipped": "yellow", "waiting": "dim"}.get(row["stage"], "cyan")
+            elapsed = "" if row["stage"] in (*_DONE, "waiting") else f"{time.monotonic() - row['since']:.0f} s"
             table.add_row(variant, target, row["runtime"], f"[{style}]{row['stage']}[/]", elapsed, row["detail"][:110])
         return table
 
@@ -128,8 +138,3 @@ class Reporter:
                 finally:
                     self.live = None
 
-
-def quiet_defaults() -> None:
-    """byoai runs on closed networks: no telemetry from Prefect, its client or its server."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")

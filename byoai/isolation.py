@@ -26,11 +26,11 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from byoai import hostmem
+from byoai import hostmem, progress
 
 # The most the kernel lets an unprivileged process ask: this worker dies before anything else.
 WORKER_OOM_SCORE_ADJ = 1000
@@ -110,20 +110,26 @@ def death_reason(returncode: int, peak: int | None, oom_before: tuple[int, int])
     return f"killed by {name} (peak {_gb(peak)})"
 
 
-def run_worker(kind: str, request: str, env: dict[str, str] | None = None, name: str | None = None) -> tuple[Any, int | None, str]:
+def run_worker(
+    kind: str, request: str, env: dict[str, str] | None = None, name: str | None = None,
+    on_progress: Callable[[str, float], None] | None = None,
+) -> tuple[Any, int | None, str]:
     """Run byoai.worker's KIND handler on a JSON request in a worker process; return (result,
     peak RSS bytes, its output). An exception the handler raised is raised here again as it was,
     a death as WorkerKilled. `env` is the worker's environment (default: this process's); `name`
-    its process name (default byoai-KIND)."""
+    its process name (default byoai-KIND); `on_progress(text, fraction)` hears what the worker
+    counts with byoai.progress.advance, as it goes."""
     if _stopping.is_set():
         raise WorkerKilled("stopped: byoai was terminated by signal")
     with tempfile.TemporaryDirectory(prefix=f"byoai-{kind}-") as tmp:
         request_file, result_file, output = Path(tmp, "request.json"), Path(tmp, "result.pickle"), Path(tmp, "output.log")
         request_file.write_text(request)
+        steps = progress.StepRate(Path(tmp, "progress"))
+        environment = dict(env if env is not None else os.environ) | {progress.PROGRESS_FILE_ENV: str(steps.path)}
         oom_before = _oom_counters()
         process = _CONTEXT.Process(
             target=_worker_entry, name=name or f"byoai-{kind}",
-            args=(kind, str(request_file), str(result_file), str(output), dict(env if env is not None else os.environ), os.getcwd(), name or f"byoai-{kind}"),
+            args=(kind, str(request_file), str(result_file), str(output), environment, os.getcwd(), name or f"byoai-{kind}"),
         )
         process.start()
         with _live_lock:
@@ -132,10 +138,14 @@ def run_worker(kind: str, request: str, env: dict[str, str] | None = None, name:
         try:
             while process.is_alive():  # its high-water mark, for a worker that gets killed
                 watched = max(watched, _vm_hwm(process.pid) or 0)
+                if on_progress is not None and (news := steps.poll()) is not None:
+                    on_progress(*news)
                 process.join(0.5)
         finally:
             with _live_lock:
                 _live.discard(process)
+        if on_progress is not None and (news := steps.poll()) is not None:  # what it wrote last
+            on_progress(*news)
         text = output.read_text(errors="replace") if output.is_file() else ""
         if process.exitcode < 0:
             raise WorkerKilled(death_reason(process.exitcode, watched or None, oom_before))

@@ -23,6 +23,7 @@ from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from byoai.settings import Settings
 from byoai.summary import ResultRow
 from byoai.tasks.build import build_variant, gguf_input_artifact
+from byoai.tasks.card import Measured, model_card, version_description
 from byoai.tasks.data import TokensRef, prepare_calibration, prepare_perplexity_tokens
 from byoai.tasks.evaluate import evaluate_in_runtime
 from byoai.tasks.lm_eval_tasks import fingerprint
@@ -38,11 +39,14 @@ class TargetOutcome(BaseModel):
 
     results: list[ResultRow] = Field(default_factory=list)
     candidates: dict[str, list[Candidate]] = Field(default_factory=dict)
+    # target -> the recipe's own GGUF file as measured there: what a champion must beat to be worth it
+    inputs: dict[str, Candidate] = Field(default_factory=dict)
 
     def merge(self, other: TargetOutcome) -> None:
         self.results += other.results
         for target, candidates in other.candidates.items():
             self.candidates.setdefault(target, []).extend(candidates)
+        self.inputs |= other.inputs
 
     def unbuilt(self, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None, runtime: str = "") -> None:
         """Record a variant x target (x runtime) that produced nothing: its MLflow child run and its row."""
@@ -83,7 +87,7 @@ class Loop:
     outcome: TargetOutcome
     memory: MemoryPlan
     reference: dict[str, Any] = field(default_factory=dict)  # target -> Metrics of the base model
-    builds: dict[tuple, Any] = field(default_factory=dict)  # stage prefix -> future (shared prefixes)
+    builds: dict[tuple, tuple[str, Any]] = field(default_factory=dict)  # stage prefix -> (task run name, future): shared prefixes
     runtime_builds: dict[tuple[str, str], Any] = field(default_factory=dict)  # (target, runtime) -> future
 
     def skip_or_fail(self, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None, runtime: str = "") -> None:
@@ -117,8 +121,11 @@ class Loop:
         return out
 
     def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str):
-        progress.emit("evaluating", name, target.name, runtime)
-        return _heavy(evaluate_in_runtime, f"evaluate-{name}@{target.name}-{runtime}", target.device).submit(
+        """Submit one evaluation; its row waits until a runner slot starts it (the task then says evaluating)."""
+        task_name = f"evaluate-{name}@{target.name}-{runtime}"
+        progress.stands_for(task_name, name, target.name, runtime)
+        progress.emit("waiting", name, target.name, runtime)
+        return _heavy(evaluate_in_runtime, task_name, target.device).submit(
             artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args
         )
 
@@ -149,22 +156,23 @@ class Loop:
         """Submit the variant's stages; each stage's output (a future) is the next one's input."""
         device = "cuda" if any(t.device == "cuda" for t in runnable) else "cpu"
         for target in runnable:
-            progress.emit("queued", variant.name, target.name)
+            progress.emit("waiting", variant.name, target.name)
         stages, upstream = [], self.model
         for i, stage in enumerate(variant.stages):
             prefix = (device, *((s.technique, repr(sorted(s.params.items()))) for s in variant.stages[: i + 1]))
             if prefix not in self.builds:
-                self.builds[prefix] = _heavy(build_variant, f"build-{variant.name}-{i}-{stage.technique}", device).submit(
+                task_name = f"build-{variant.name}-{i}-{stage.technique}"
+                self.builds[prefix] = task_name, _heavy(build_variant, task_name, device).submit(
                     stage.technique, stage.params, upstream, self.model, self.calibration, device, self.variants_dir
                 )
-            upstream = self.builds[prefix]
+            task_name, upstream = self.builds[prefix]
+            for target in runnable:  # a shared stage works for every variant that starts with it
+                progress.stands_for(task_name, variant.name, target.name)
             stages.append(upstream)
         return stages
 
     def submit_evaluations(self, variant: VariantSpec, runnable: list[TargetProfile], stages: list) -> list:
         """Once its chain is built, evaluate the artifact on each target; a failed stage is recorded."""
-        for target in runnable:
-            progress.emit("building", variant.name, target.name, detail=variant.technique)
         failed = next((i for i, future in enumerate(stages) if future.wait() or future.state.is_failed()), None)
         if failed is not None:
             where = f"stage {failed} ({variant.stages[failed].technique})" if len(variant.stages) > 1 else "build"
@@ -185,9 +193,20 @@ class Loop:
         tasks = self.recipe.evaluation.tasks
         return self.recipe.evaluation.latency, tasks, fingerprint(tasks) if tasks else None
 
-    def record(self, variant: VariantSpec, target: TargetProfile, runtime: str, built: list, future, tags: dict[str, str] | None = None, note: str = "") -> Candidate | None:
+    def record_variant(self, variant: VariantSpec, evaluations: list, tags: dict[str, str] | None = None, note: str = "") -> list[Candidate | None]:
+        """Log and register one variant's evaluations (target x runtime) once all of them are in:
+        its model card holds what it measured on every target."""
+        for *_, future in evaluations:
+            future.wait()
+        measured = [
+            Measured(target.name, runtime, future.result(), self.reference[target.name])
+            for _, target, runtime, _, future in evaluations if not future.state.is_failed()
+        ]
+        card = model_card(self.recipe, variant, evaluations[0][3], measured, self.model) if measured else ""
+        return [self.record(v, target, runtime, built, future, card, tags, note) for v, target, runtime, built, future in evaluations]
+
+    def record(self, variant: VariantSpec, target: TargetProfile, runtime: str, built: list, future, card: str, tags: dict[str, str] | None = None, note: str = "") -> Candidate | None:
         """Log the child run and register the version of one evaluated variant x target x runtime."""
-        future.wait()
         if future.state.is_failed():
             message, text = error_text(future.state)
             self.skip_or_fail(variant, target, "failed", f"evaluation failed: {message}", text, runtime)
@@ -196,7 +215,8 @@ class Loop:
         build = self.runtime_build(target, runtime).result()
         progress.emit("registering", variant.name, target.name, runtime)
         run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, build, tags or {}, self.planned_peak(variant.name, target.name))
-        version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build)
+        description = version_description(variant, Measured(target.name, runtime, metrics, reference), build.key)
+        version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build, card, description)
         candidate = Candidate.measured(variant.name, version.version, metrics, reference)
         self.outcome.candidates.setdefault(target.name, []).append(candidate)
         self.outcome.results.append(ResultRow.measured(
@@ -217,9 +237,10 @@ class Loop:
         metrics, reference = future.result(), self.reference[target.name]
         run_id = log_input_run(self.parent, target, artifact, metrics, reference, self.runtime_build(target, runtime).result())
         note = "the recipe's input file as it is (not a candidate)"
-        delta = (metrics.ppl - reference.ppl) / reference.ppl * 100
-        self.outcome.results.append(ResultRow.measured("input", "baseline", target.name, metrics, delta, None, run_id, note))
-        progress.emit("done", "input", target.name, runtime, measured_line(metrics, delta))
+        measured = Candidate.measured("input", "", metrics, reference)
+        self.outcome.inputs[target.name] = measured
+        self.outcome.results.append(ResultRow.measured("input", "baseline", target.name, metrics, measured.ppl_delta_pct, None, run_id, note))
+        progress.emit("done", "input", target.name, runtime, measured_line(metrics, measured.ppl_delta_pct))
 
     def run_input(self, targets: list[TargetProfile]) -> None:
         """When the recipe's model is a GGUF file, measure that file as it is where a runtime runs GGUF."""
@@ -239,9 +260,10 @@ class Loop:
         """All builds submitted at once (the task runner decides what runs in parallel), then
         evaluations as chains finish, then the records."""
         chains = [(v, runnable, self.submit_chain(v, runnable)) for v in variants if (runnable := self.runnable(v))]
-        evaluations = [e for variant, runnable, stages in chains for e in self.submit_evaluations(variant, runnable, stages)]
-        for variant, target, runtime, built, future in evaluations:
-            self.record(variant, target, runtime, built, future)
+        evaluations = [(variant, self.submit_evaluations(variant, runnable, stages)) for variant, runnable, stages in chains]
+        for variant, of_variant in evaluations:
+            if of_variant:
+                self.record_variant(variant, of_variant)
 
     def run_search(self, variant: VariantSpec) -> None:
         """Trials one after another: each proposal depends on the scores of those before it."""
@@ -258,7 +280,7 @@ class Loop:
             tags = {"byoai.search": variant.name, "byoai.trial": str(number)}
             evaluations = self.submit_evaluations(trial_variant, runnable, self.submit_chain(trial_variant, runnable))
             note = f"trial {number} of {variant.name}: " + ", ".join(f"{k}={v}" for k, v in params.items())
-            candidates = [self.record(v, t, r, built, future, tags, note) for v, t, r, built, future in evaluations]
+            candidates = self.record_variant(trial_variant, evaluations, tags, note) if evaluations else []
             # scored on the first target the trial ran on
             if search.tell(trial, candidates[0] if candidates else None):
                 get_run_logger().info("search %s reached stop_at after %d trials", variant.name, number + 1)
@@ -297,6 +319,8 @@ def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef
             continue
         stage = reference_variant(shape, runtime).stages[0]
         key = (stage.technique, repr(sorted(stage.params.items())))
+        progress.stands_for(f"build-reference-{stage.technique}", "reference", t.name)
+        progress.emit("waiting", "reference", t.name)
         if key not in builds:
             builds[key] = _heavy(build_variant, f"build-reference-{stage.technique}", "cpu").submit(
                 stage.technique, stage.params, model, model, loop.calibration, "cpu", loop.variants_dir

@@ -119,7 +119,10 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str
             collect_dispatched(started, recipe, parent, outcome)
             for target in recipe.targets:
                 if target.name in outcome.candidates or any(skip_reason(v, target) is None for v in recipe.variants):
-                    decisions += promote_champion(uri, recipe.name, target.name, outcome.candidates.get(target.name, []), recipe.promotion)
+                    decisions += promote_champion(
+                        uri, recipe.name, target.name, outcome.candidates.get(target.name, []), recipe.promotion, parent.run_id,
+                        outcome.inputs.get(target.name),
+                    )
             if any(r.status == "finished" for r in outcome.results):
                 status = "FINISHED"
     except (Terminated, TerminationSignal) as exc:

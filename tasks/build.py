@@ -10,6 +10,7 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from byoai import progress
 from byoai.files import atomic_folder, folder_sha256, folder_size_bytes, json_sha256
 from byoai.log import step_logger
 from byoai.tasks.data import CACHED, TokensRef, load_tokens
@@ -103,6 +104,19 @@ def run_technique(request: BuildRequest) -> BuildOutcome:
     return BuildOutcome(facts=facts, format=result.format, unchanged=unchanged)
 
 
+def build_progress(technique: str):
+    """A long build's count (steps, layers, tensors) in its console rows, and every tenth of it in the log."""
+    logged = [-1]
+
+    def on_progress(text: str, fraction: float) -> None:
+        progress.from_task("building", f"{technique} {text}")
+        if int(fraction * 10) > logged[0]:
+            logged[0] = int(fraction * 10)
+            step_logger().info("building %s: %s", technique, text)
+
+    return on_progress
+
+
 @task(cache_policy=CACHED, persist_result=True)
 def build_variant(
     technique: str,
@@ -138,12 +152,13 @@ def build_variant(
         return Artifact.model_validate_json(marker.read_text())
 
     with one_build_per_process(), atomic_folder(folder) as tmp:
+        progress.from_task("building", technique)
         started = time.perf_counter()
         request = BuildRequest(
             technique=technique, params=config.model_dump(mode="json"), model_dir=model.path, out_dir=str(tmp),
             calibration=calibration, device=device, base_model_dir=base.path,
         )
-        outcome, peak, output = run_worker("build", request.model_dump_json(), name=f"byoai-{technique}")
+        outcome, peak, output = run_worker("build", request.model_dump_json(), name=f"byoai-{technique}", on_progress=build_progress(technique))
         build_s = time.perf_counter() - started
         if output.strip():
             step_logger().debug("build worker output (%s):\n%s", technique, output[-10000:])

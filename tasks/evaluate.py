@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
+from byoai import progress
 from byoai.log import step_logger
 from byoai.recipe import LatencySpec, TargetProfile
 from byoai.tasks.build import Artifact
@@ -78,6 +79,7 @@ def evaluate_in_runtime(
     )
     import time
 
+    progress.from_task("evaluating")
     started = time.perf_counter()
     measured = measure_isolated(request, RUNTIMES[runtime].worker_env(build))
     values = measured.model_dump()

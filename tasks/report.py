@@ -98,10 +98,13 @@ def profile_tables(results: list[dict[str, Any]]) -> list[tuple[str, str, list[d
 
 
 def champions_line(decisions: list[dict[str, Any]]) -> str:
+    """Per target: its champion and why, then whether it beats the recipe's input file (when that is a GGUF)."""
     chosen = {d["target"]: d for d in decisions if d.get("champion")}
+    verdicts = {d["target"]: d["reason"] for d in decisions if d["variant"] == "input"}
     targets = sorted({d["target"] for d in decisions})
     return "; ".join(
-        f"champion-{t}: v{chosen[t]['version']} ({chosen[t]['variant']} in {chosen[t].get('runtime', 'transformers')}: {chosen[t]['reason']})" if t in chosen else f"champion-{t}: none"
+        (f"champion-{t}: v{chosen[t]['version']} ({chosen[t]['variant']} in {chosen[t].get('runtime', 'transformers')}: {chosen[t]['reason']})" if t in chosen else f"champion-{t}: none")
+        + (f"; {verdicts[t]}" if t in verdicts else "")
         for t in targets
     ) or "no target ran"
 
@@ -141,7 +144,7 @@ def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path, result
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [d for d in decisions if d["target"] == target and d.get("size_mb") is not None]
+    rows = [d for d in decisions if d["target"] == target and d.get("size_mb") is not None and d["variant"] != "input"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
         color = "tab:green" if row["gate"] == "pass" else "tab:red"

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from byoai.log import step_logger
 from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from byoai.tasks.build import Artifact
+from byoai.tasks.card import CARD_FILE, registered_marker
 from byoai.tasks.techniques import REPORT_DIR
 from byoai.tasks.evaluate import Metrics, ppl_delta_pct
 from byoai.tasks.lm_eval_tasks import mlflow_metrics, recovery
@@ -274,13 +275,17 @@ def register_variant(
     artifact: Artifact,
     run_id: str,
     build: RuntimeBuild,
+    card: str,
+    description: str,
 ) -> VersionRef:
     """One model version per artifact x target x runtime build, ever: a re-run finds it instead of adding one.
 
     The model folder is uploaded once per artifact, into the child run of the first target that
-    registers it; the versions for other targets are registry copies of that version
-    (`models:/<name>/<version>`: an MLflow server accepts a source outside a version's own run
-    only in that form), and their own target's child run is tagged with them.
+    registers it, with its model card as README.md (tasks.card) and a .byoai-artifact.json that
+    holds no path of this machine; the versions for other targets are registry copies of that
+    version (`models:/<name>/<version>`: an MLflow server accepts a source outside a version's own
+    run only in that form), and their own target's child run is tagged with them. `description`
+    is the version's own (its target and runtime); promotion rewrites its decision part.
     """
     mlflow = client(parent.tracking_uri)
     _ensure_registered_model(mlflow, recipe_name)
@@ -296,15 +301,19 @@ def register_variant(
     if same_artifact:
         first = min(same_artifact, key=lambda v: int(v.version))
         source, source_run = f"models:/{recipe_name}/{first.version}", None
-    elif not Settings().register_copies:  # the version points at the built folder: no copy
+    elif not Settings().register_copies:  # the version points at the built folder: no copy (the card beside the run)
+        mlflow.log_text(run_id, card, "model-card/README.md")
         source, source_run = Path(artifact.path).as_uri(), run_id
     else:
-        # the model as it ships: a technique's report/ goes to the evaluation run instead
+        # the model as it ships: a technique's report/ goes to the evaluation run instead; byoai's
+        # marker and a base model's own README are replaced by what describes this artifact
         for item in sorted(Path(artifact.path).iterdir()):
             if item.is_dir() and item.name != REPORT_DIR:
                 mlflow.log_artifacts(run_id, str(item), artifact_path=f"model/{item.name}")
-            elif item.is_file():
+            elif item.is_file() and not item.name.startswith(".byoai") and item.name != CARD_FILE:
                 mlflow.log_artifact(run_id, str(item), artifact_path="model")
+        mlflow.log_text(run_id, card, f"model/{CARD_FILE}")
+        mlflow.log_text(run_id, registered_marker(artifact), "model/.byoai-artifact.json")
         source, source_run = f"{mlflow.get_run(run_id).info.artifact_uri}/model", run_id
     version = mlflow.create_model_version(
         recipe_name,
@@ -322,7 +331,7 @@ def register_variant(
             f"{TAG}format": artifact.format,
             **({f"{TAG}quant_type": str(artifact.facts["quant_type"])} if "quant_type" in artifact.facts else {}),
         },
-        description=f"{variant.name} ({variant.technique}, {artifact.format}) evaluated on {target.name} in {build.runtime} ({build.key})",
+        description=description,
     )
     mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
     step_logger().info("registered %s version %s (%s@%s)", recipe_name, version.version, variant.name, target.name)

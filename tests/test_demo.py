@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
@@ -36,15 +38,25 @@ def test_demo_recipe_promotes_a_gguf_in_llama_cpp_on_smollm2(workdir):
     assert q8.runtime == q4.runtime == rows["input"].runtime == "llama_cpp"
     assert abs(q8.ppl_delta_pct) < 2 and q8.size_mb < 0.3 * base.size_mb
     assert abs(rows["input"].ppl_delta_pct) < 2 and rows["input"].version is None
-    # gate 25 %: RTN W4 (~+43 %) fails it; the smallest gated variant is the q4_k_m GGUF
+    # gate 25 %: RTN W4 (~+43 %) fails it; the smallest gated variant is the mixed GGUF under the
+    # input's size, and it beats the input file (the embedded Q4_1, 98.4 MB) on the objective
     decisions = {d["variant"]: d for d in summary.decisions}
-    assert "input" not in decisions
     assert decisions["rtn-w4-g64"]["gate"] == "fail" and decisions["gptq-w4-g64"]["gate"] == "pass"
-    assert q4.size_mb < rows["gptq-w4-g64"].size_mb and decisions["gguf-q4_k_m-imatrix"]["champion"]
+    mixed = rows["gguf-mixed-under-input"]
+    assert mixed.size_mb < rows["input"].size_mb < q4.size_mb and decisions["gguf-mixed-under-input"]["champion"]
+    assert decisions["input"]["reason"].startswith("champion-cpu-x86 (gguf-mixed-under-input) beats the input file on size_mb:")
     uri = summary.tracking_uri
-    champion = MlflowClient(uri, uri).get_model_version_by_alias(recipe.name, "champion-cpu-x86")
-    assert champion.tags["byoai.variant"] == "gguf-q4_k_m-imatrix" and champion.tags["byoai.runtime"] == "llama_cpp"
-    assert champion.tags["byoai.runtime_build"].startswith("llama_cpp-0.3.36-") and champion.tags["byoai.quant_type"] == "q4_k_m"
+    mlflow = MlflowClient(uri, uri)
+    champion = mlflow.get_model_version_by_alias(recipe.name, "champion-cpu-x86")
+    assert champion.tags["byoai.variant"] == "gguf-mixed-under-input" and champion.tags["byoai.runtime"] == "llama_cpp"
+    assert champion.tags["byoai.runtime_build"].startswith("llama_cpp-0.3.36-")
+    assert f"**champion-cpu-x86** since run `{summary.parent_run_id}`" in champion.description
+    # what a user downloads: the GGUF, its card and a marker with no path of this machine
+    folder = Path(mlflow.download_artifacts(champion.run_id, "model", str(workdir / "download")))
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nbase_model_relation: quantized\nlibrary_name: gguf\nlicense: apache-2.0\n")
+    assert "llama-server -m" in card and f"sha `{recipe.sha()}`" in card and "| cpu-x86 | llama_cpp |" in card and "imatrix" in card
+    assert str(workdir) not in (folder / ".byoai-artifact.json").read_text() and (folder / "model.gguf").is_file()
     shown = CliRunner().invoke(app, ["champions", recipe.name])
     # the table is 180 columns wide off a terminal: long cells end in an ellipsis
-    assert shown.exit_code == 0 and "gguf-q4_k_m" in shown.output and "llama_cpp" in shown.output and "q4_k_m" in shown.output
+    assert shown.exit_code == 0 and "gguf-mixed" in shown.output and "llama_cpp" in shown.output

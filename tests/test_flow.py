@@ -96,6 +96,19 @@ def test_closed_loop_registers_evaluates_and_promotes(write_recipe, workdir):
     assert summary.champions == {"cpu-x86": winner.version, "cuda-h100": None if not HAS_CUDA else summary.champions["cuda-h100"]}
     decisions = json.loads(Path(client.download_artifacts(parent.info.run_id, "promotion.json")).read_text())
     assert set(decisions["columns"]) >= {"target", "variant", "version", "gate", "champion", "reason"}
+    # every version says what it is; promotion wrote whether it is champion, and since which run
+    assert champion.description.startswith(f"**{champion.tags['byoai.variant']}**") and f"since run `{parent.info.run_id}`" in champion.description
+    others = [v for v in registered if v.version != champion.version]
+    assert all("This version is not champion-cpu-x86." in client.get_model_version("tiny", v.version).description for v in others)
+    # the registered folder carries its model card
+    card = Path(client.download_artifacts(gptq.run_id, "model/README.md")).read_text()
+    assert "library_name: transformers" in card and "base_model:" not in card  # a local folder has no hub id
+    assert "| stage 0 | `gptq` (" in card and "from_pretrained" in card and "8 windows of 64 tokens (seed 0)" in card
+    assert "| cpu-x86 | transformers |" in card
+    # the baseline is the unchanged base model in the reference's runtime and dtype: its
+    # evaluation is the reference's, found in the cache, not a second measurement
+    first = task_states(parent.data.tags["prefect.flow_run_id"])
+    assert first["evaluate-reference@cpu-x86-transformers"] == "Completed" and first["evaluate-baseline@cpu-x86-transformers"] == "Cached"
 
     # the registered artifact reloads and generates
     from transformers import AutoModelForCausalLM

@@ -156,9 +156,10 @@ def test_a_bf16_checkpoint_stays_bf16_through_baseline_rtn_and_gguf(bf16_model, 
     assert (Path(gguf.path) / "model.gguf").stat().st_size < 1.1 * model_bytes  # not an f32 file
 
 
-def test_sigterm_stops_a_run_in_seconds_and_a_rerun_reuses_what_finished(bf16_model, workdir):
-    recipe = gguf_recipe(workdir, bf16_model, VARIANTS.splitlines()[0] + "\n" + VARIANTS.splitlines()[3] + "\n")
-    run = start_run(recipe, workdir)
+def test_sigterm_stops_a_run_in_seconds_a_killed_flow_is_repaired_and_a_rerun_reuses_what_finished(bf16_model, workdir):
+    q8, slow_qat = VARIANTS.splitlines()[0] + "\n", VARIANTS.splitlines()[3] + "\n"
+    # SIGTERM (timeout, a Prefect cancellation, Kubernetes) during a long build
+    run = start_run(gguf_recipe(workdir, bf16_model, q8 + slow_qat), workdir)
     build_worker(run, "qat")
     server = json.loads((workdir / ".byoai" / "prefect-server.pid").read_text())["pid"]
     started = time.monotonic()
@@ -166,38 +167,30 @@ def test_sigterm_stops_a_run_in_seconds_and_a_rerun_reuses_what_finished(bf16_mo
     output, _ = run.communicate(timeout=60)
     assert time.monotonic() - started < 15, output
     assert run.returncode == 128 + signal.SIGTERM and "terminated by signal SIGTERM" in output
-    (parent,) = parent_runs(workdir)
-    assert parent.info.status == "FAILED" and "terminated by signal" in parent.data.tags["byoai.failure"]
+    (terminated,) = parent_runs(workdir)
+    assert terminated.info.status == "FAILED" and "terminated by signal" in terminated.data.tags["byoai.failure"]
     assert not psutil.pid_exists(server) or psutil.Process(server).status() == psutil.STATUS_ZOMBIE
-    # the re-run finds the reference and q8 in the cache
-    rerun = gguf_recipe(workdir, bf16_model, VARIANTS.splitlines()[0] + "\n")
-    again = start_run(rerun, workdir)
-    output, _ = again.communicate(timeout=600)
-    assert again.returncode == 0, output
-    logs = "".join(p.read_text() for p in (workdir / ".byoai" / "logs").glob("scale-*.log"))
-    assert "Cached" in logs
-
-
-def test_a_killed_flow_is_repaired_at_the_next_start_with_no_server_left(bf16_model, workdir):
-    recipe = gguf_recipe(workdir, bf16_model, VARIANTS.splitlines()[3] + "\n")
-    run = start_run(recipe, workdir)
+    # SIGKILL to the flow (what the kernel's OOM killer does): nothing of byoai runs to record it
+    run = start_run(gguf_recipe(workdir, bf16_model, slow_qat), workdir)
     worker = build_worker(run, "qat")
     server = json.loads((workdir / ".byoai" / "prefect-server.pid").read_text())["pid"]
-    run.send_signal(signal.SIGKILL)  # what the kernel's OOM killer does to the flow
+    run.send_signal(signal.SIGKILL)
     run.communicate(timeout=60)
     worker.wait(30)  # the worker dies with its parent (PR_SET_PDEATHSIG)
-    (parent,) = parent_runs(workdir)
-    assert parent.info.status == "RUNNING" and psutil.pid_exists(server)
+    (killed,) = [r for r in parent_runs(workdir) if r.info.run_id != terminated.info.run_id]
+    assert killed.info.status == "RUNNING" and psutil.pid_exists(server)
     result = CliRunner().invoke(__import__("byoai.cli", fromlist=["app"]).app, ["runs"], env={"BYOAI_HOME": str(workdir / ".byoai")})
     assert "gone (byoai runs --repair)" in result.output
-    # the next start marks it FAILED with the reason and stops the stale server
-    rerun = gguf_recipe(workdir, bf16_model, VARIANTS.splitlines()[0] + "\n")
-    again = start_run(rerun, workdir)
+    # the next start marks it FAILED with the reason, stops the stale server, and finds the
+    # reference and q8 of the terminated run in the cache
+    again = start_run(gguf_recipe(workdir, bf16_model, q8), workdir)
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output
     assert "FAILED: the byoai process that ran it" in output
     assert not psutil.pid_exists(server) or psutil.Process(server).status() == psutil.STATUS_ZOMBIE
     assert not [r for r in parent_runs(workdir) if r.info.status == "RUNNING"]
+    logs = "".join(p.read_text() for p in (workdir / ".byoai" / "logs").glob("scale-*.log"))
+    assert "Cached" in logs
 
 
 CGROUP = Path("/sys/fs/cgroup/memory")

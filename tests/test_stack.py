@@ -125,7 +125,7 @@ def test_scheduled_deployment_runs_on_a_worker(write_recipe, on_stack):
     assert champion.tags["byoai.variant"] == "rtn-w4-g32"
     # artifacts went through the MLflow server (served artifacts), not to a local path
     assert champion.source.startswith("mlflow-artifacts:")
-    browse_uis(flow_run, name)
+    browse_uis(flow_run, name, str(champion.version))
 
 
 def test_a_target_on_another_pool_is_measured_by_that_pools_worker(write_recipe, on_stack):
@@ -227,8 +227,9 @@ def test_servers_refuse_anonymous_requests_and_a_viewer_cannot_move_a_champion(o
     assert http_status(f"{api}/registered-models/alias", alias, auth=worker) == 200
 
 
-def browse_uis(flow_run, model_name: str) -> None:
-    """Both UIs in Debian's Chromium, driven by Playwright: the run, its tasks, the champion alias."""
+def browse_uis(flow_run, model_name: str, champion: str) -> None:
+    """Both UIs in Debian's Chromium, driven by Playwright: the run, its tasks, the champion alias,
+    and the champion version's description (what it is, and since which run it is champion)."""
     from playwright.sync_api import sync_playwright
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -263,6 +264,10 @@ def browse_uis(flow_run, model_name: str) -> None:
         page.goto(f"{MLFLOW}/#/models/{model_name}")
         page.get_by_text("champion-cpu-x86").first.wait_for(timeout=60_000)
         page.screenshot(path=str(SCREENSHOTS / "mlflow-registered-model.png"), full_page=True)
+        page.goto(f"{MLFLOW}/#/models/{model_name}/versions/{champion}")
+        page.get_by_text("rtn-w4-g32 (rtn) on cpu-x86").first.wait_for(timeout=60_000)
+        page.get_by_text("since run").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(SCREENSHOTS / "mlflow-model-version.png"), full_page=True)
         browser.close()
 
 

@@ -68,6 +68,9 @@ class Technique:
     # The format of its output ("hf", "gguf", "onnx"), or a function of its config for a technique
     # that writes either; a stage whose output is not "hf" ends a chain.
     output_format: str | Callable[[Any], str] = "hf"
+    # Its output holds quantized weights: a model card calls the result `quantized` from its base
+    # (a pruned or distilled model is a `finetune` of it).
+    quantizes: bool = True
 
     def output_of(self, params: dict[str, Any]) -> str:
         """The format a stage with these (validated) params writes."""

@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend, probe_ids
-from byoai.tasks.techniques.weight_quant import WeightQuantConfig, oneshot_kwargs, quantizable_layers, quantization_scheme, weight_quant_footprint
+from byoai.tasks.techniques.weight_quant import WeightQuantConfig, quantizable_layers, run_oneshot, quantization_scheme, weight_quant_footprint
 
 # GPTQModel's AWQ clipping search walks output channels in batches of 64 (or 256) and asserts
 # that they divide the layer's output width.
@@ -78,7 +78,6 @@ def _no_pinning_without_cuda():
 
 
 def _run_llmcompressor(inputs: BuildInputs) -> BuildResult:
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
@@ -95,7 +94,7 @@ def _run_llmcompressor(inputs: BuildInputs) -> BuildResult:
         QuantizationModifier(config_groups=quantization_scheme(scheme), ignore=list(scheme.ignore)),
     ]
     with _no_pinning_without_cuda():
-        oneshot(model=model, recipe=recipe, **oneshot_kwargs(inputs.calibration_ids))
+        run_oneshot(model, recipe, inputs.calibration_ids)
     save_model(model, tokenizer, inputs.out_dir, save_compressed=True)
     return BuildResult(
         model_dir=inputs.out_dir,

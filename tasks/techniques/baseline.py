@@ -23,6 +23,7 @@ def baseline_footprint(config, ctx: PlanContext) -> Footprint:
 
 TECHNIQUE = Technique(
     name="baseline",
+    quantizes=False,
     summary="the base model unchanged",
     config=BaselineConfig,
     footprint=baseline_footprint,

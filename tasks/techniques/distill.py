@@ -14,6 +14,7 @@ from importlib.metadata import version
 from pydantic import BaseModel, ConfigDict, Field
 
 from byoai.memory import trains_student
+from byoai.progress import advance
 from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError
 
 
@@ -78,7 +79,7 @@ def distill(inputs: BuildInputs, config: DistillConfig, prepare=None):
 
     losses = []
     started = time.perf_counter()
-    for _ in range(config.steps):
+    for step in range(config.steps):
         batch = windows[torch.randint(len(windows), (config.batch_size,), generator=generator)].to(device)
         with torch.no_grad():
             teacher_out = teacher(batch, output_hidden_states=want_hidden)
@@ -89,6 +90,7 @@ def distill(inputs: BuildInputs, config: DistillConfig, prepare=None):
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        advance(step + 1, config.steps, "steps")
     train_s = time.perf_counter() - started
 
     student.eval()
@@ -120,6 +122,7 @@ def run(inputs: BuildInputs) -> BuildResult:
 
 TECHNIQUE = Technique(
     name="distill",
+    quantizes=False,
     summary="knowledge distillation of the stage input (student) from the base model (teacher)",
     config=DistillConfig,
     footprint=trains_student(),

@@ -171,6 +171,7 @@ def run(inputs: BuildInputs) -> BuildResult:
 
 TECHNIQUE = Technique(
     name="drop_layers",
+    quantizes=False,
     summary="structured depth pruning: drop the decoder layers that change hidden states least",
     config=DropLayersConfig,
     footprint=loads_model(extra_per_param=0, note="hidden states of every layer per window"),

@@ -28,6 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from byoai.progress import advance
 from byoai.tasks.techniques import REPORT_DIR, BuildInputs, BuildResult, Technique, TechniqueError
 
 # types with a reference quantizer in gguf-py (blocks of 32 along each row)
@@ -105,13 +106,15 @@ def fisher_sensitivity(model, windows, tensors: dict[str, object], candidates: t
     names = list(tensors)
     fisher = {name: torch.zeros_like(tensors[name], dtype=torch.float32) for name in names}
     generator = torch.Generator().manual_seed(0)
-    for row in windows:
+    for i, row in enumerate(windows):
+        advance(i, len(windows), "windows")
         logits = model(row[None]).logits.float()
         with torch.no_grad():
             sampled = torch.multinomial(torch.softmax(logits[0], -1), 1, generator=generator)[:, 0]
         loglik = torch.log_softmax(logits[0], -1).gather(-1, sampled[:, None]).sum()
         for name, grad in zip(names, torch.autograd.grad(loglik, [tensors[n] for n in names])):
             fisher[name] += grad.float() ** 2
+    advance(len(windows), len(windows), "windows")
     tokens = windows.shape[0] * windows.shape[1]
     table: dict[str, dict[str, float]] = {}
     with torch.no_grad():
@@ -131,7 +134,8 @@ def sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[st
         base = torch.log_softmax(model(windows).logits.float(), dim=-1)
         base_p = base.exp()
         table: dict[str, dict[str, float]] = {}
-        for name, weight in tensors.items():
+        for i, (name, weight) in enumerate(tensors.items()):
+            advance(i, len(tensors), "tensors")
             if weight.shape[-1] % 32:
                 raise TechniqueError(f"gguf_mixed: {name} has rows of {weight.shape[-1]}, not a multiple of 32 (the candidates' block)")
             original = weight.data.clone()

@@ -37,6 +37,7 @@ def run(inputs: BuildInputs) -> BuildResult:
 
 TECHNIQUE = Technique(
     name="magnitude",
+    quantizes=False,
     summary="unstructured magnitude pruning per layer, no calibration (torch.nn.utils.prune)",
     config=MagnitudeConfig,
     footprint=loads_model(),

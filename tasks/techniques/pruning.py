@@ -110,17 +110,15 @@ def prune_with_llmcompressor(
     The modifier gets the exact layer names as targets, so `ignore` means the same thing here as
     in magnitude pruning and the measured facts cover exactly the layers that were pruned.
     """
-    from llmcompressor import oneshot
-
     from byoai.tasks.techniques.io import load_stage_input, saved
-    from byoai.tasks.techniques.weight_quant import oneshot_kwargs
+    from byoai.tasks.techniques.weight_quant import run_oneshot
 
     model, tokenizer = load_stage_input(inputs.model_dir)
     layers = prunable_layers(model, ignore)
     if mask == "2:4":
         check_n_m_fits(layers, 4)
     modifier = modifier_factory(targets=list(layers), ignore=[])
-    oneshot(model=model, recipe=[modifier], **oneshot_kwargs(inputs.calibration_ids))
+    run_oneshot(model, [modifier], inputs.calibration_ids)
     # llmcompressor's save wrapper: with no quantization attached it writes plain dense weights
     return saved(model, tokenizer, inputs,
         facts=pruning_facts(layers, requested, mask, f"llmcompressor {version('llmcompressor')}"),

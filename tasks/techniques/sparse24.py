@@ -76,6 +76,7 @@ def run(inputs: BuildInputs) -> BuildResult:
 
 TECHNIQUE = Technique(
     name="sparse24",
+    quantizes=False,
     summary="2:4 semi-structured pruning (sparsegpt | wanda | magnitude mask)",
     config=Sparse24Config,
     footprint=calibrates_layerwise("2:4 SparseGPT layer by layer", hessians=True),

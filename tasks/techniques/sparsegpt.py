@@ -44,6 +44,7 @@ def run(inputs: BuildInputs) -> BuildResult:
 
 TECHNIQUE = Technique(
     name="sparsegpt",
+    quantizes=False,
     summary="SparseGPT unstructured pruning with calibration and weight update (llmcompressor)",
     config=SparseGptConfig,
     footprint=calibrates_layerwise("SparseGPT layer by layer", hessians=True),

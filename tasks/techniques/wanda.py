@@ -28,6 +28,7 @@ def run(inputs: BuildInputs) -> BuildResult:
 
 TECHNIQUE = Technique(
     name="wanda",
+    quantizes=False,
     summary="Wanda unstructured pruning with calibration (llmcompressor)",
     config=WandaConfig,
     footprint=calibrates_layerwise("Wanda layer by layer"),

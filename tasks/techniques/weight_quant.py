@@ -76,12 +76,36 @@ def calibration_dataset(calibration_ids):
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
 
 
-def oneshot_kwargs(calibration_ids) -> dict[str, Any]:
-    return dict(
+def run_oneshot(model, recipe: list, calibration_ids=None) -> None:
+    """llmcompressor's oneshot on the calibration windows (none: data-free), counting the
+    sequential pipeline's layers as it goes (byoai.progress: `building 12/30 layers` in the console).
+
+    The count wraps llmcompressor's own per-layer callback for the call's duration; a modifier
+    would do it too, but would be written into the artifact's recipe.yaml as a step of the recipe.
+    """
+    from llmcompressor import oneshot
+    from llmcompressor.core import LifecycleCallbacks
+
+    from byoai.progress import advance
+
+    layers, done = model.config.num_hidden_layers, [0]
+    original = LifecycleCallbacks.__dict__["sequential_epoch_end"]
+
+    def counted(cls, *args, **kwargs):
+        done[0] += 1
+        advance(min(done[0], layers), layers, "layers")
+        return original.__func__(cls, *args, **kwargs)
+
+    kwargs = {} if calibration_ids is None else dict(
         dataset=calibration_dataset(calibration_ids),
         max_seq_length=calibration_ids.shape[1],
         num_calibration_samples=calibration_ids.shape[0],
     )
+    LifecycleCallbacks.sequential_epoch_end = classmethod(counted)
+    try:
+        oneshot(model=model, recipe=recipe, **kwargs)
+    finally:
+        LifecycleCallbacks.sequential_epoch_end = original
 
 
 # A layer with at least this fraction of exact zeros in its input weights is treated as pruned.
@@ -191,8 +215,6 @@ def _sparse_gptq(enabled: bool):
 
 def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate: bool) -> BuildResult:
     """Load, check layers, run llmcompressor's oneshot with one modifier, save compressed."""
-    from llmcompressor import oneshot
-
     from byoai.tasks.techniques.io import load_stage_input, saved
 
     config: WeightQuantConfig = inputs.config
@@ -201,7 +223,7 @@ def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate
     modifier = modifier_factory(config_groups=quantization_scheme(config), ignore=list(config.ignore))
     # a pruned input stays pruned (a sparse24 -> gptq chain keeps its 2:4 mask)
     with keep_pruned_zeros(model, layers) as sparsity_facts:
-        oneshot(model=model, recipe=[modifier], **(oneshot_kwargs(inputs.calibration_ids) if calibrate else {}))
+        run_oneshot(model, [modifier], inputs.calibration_ids if calibrate else None)
     return saved(model, tokenizer, inputs, save_compressed=True,
         facts={
             "format": "compressed-tensors",
