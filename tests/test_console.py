@@ -59,7 +59,8 @@ def test_the_terminal_shows_byoai_progress_and_results_only(write_recipe, workdi
         assert noise not in out, noise
     # the live table: rows queued behind the one-build lock say so; a long build counts its steps
     # and layers with a rate and what is left
-    assert re.search(r"distill-300\s+│\s+cpu-x86\s+│\s+│\s+waiting", out), out[-3000:]
+    assert re.search(r"gptq-w4-g32\s+│\s+cpu-x86\s+│\s+│\s+waiting", out), out[-3000:]  # its build, behind distill's
+    assert re.search(r"baseline\s+│\s+cpu-x86\s+│\s+transformers\s+│\s+waiting", out), out[-3000:]  # its evaluation
     assert re.search(r"distill \d+/300 steps, [\d.]+ steps/s, ~\d+ s left", out), out[-3000:]
     # the counter counts the rows it shows: reference, baseline, distill, gptq, the failed rtn
     counters = re.findall(r"\((\d+)/(\d+) done", out)
