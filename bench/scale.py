@@ -86,12 +86,14 @@ def recipe_for(name: str, model: Path, params: int, quick: bool) -> Path:
         "{kind: builtin, split: train}", "{kind: builtin, split: test}")
     samples, seq = (4, 128) if name == "8b" or quick else (8, 256)
     mixed_mb = params * Q4_K_M_BITS / 8 / 1e6
+    group = 128 if SHAPES[name][0] % 128 == 0 else 64
     variants = ["{name: baseline, technique: baseline}", "{name: gguf-q8_0, technique: gguf, params: {quant_type: q8_0}}"]
     if not quick:
         variants += [
             "{name: gguf-q4_k_m-imatrix, technique: gguf, params: {quant_type: q4_k_m, imatrix: true}}",
             f"{{name: gguf-mixed-at-q4_k_m, technique: gguf_mixed, params: {{max_size_mb: {mixed_mb:.0f}, candidates: [q4_0, q5_0, q8_0], windows: 2}}}}",
-            "{name: gptq-w4-g128, technique: gptq, params: {bits: 4, group_size: 128}}",
+            # SmolLM2-135M's 576-wide layers take no group of 128 (64 divides all its widths)
+            f"{{name: gptq-w4-g{group}, technique: gptq, params: {{bits: 4, group_size: {group}}}}}",
             "{name: onnx-int4, technique: onnx, params: {precision: int4}}",
         ]
     path = WORK / f"scale-{name}.yaml"
