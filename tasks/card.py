@@ -116,8 +116,7 @@ def stage_line(technique: str, params: dict[str, Any], artifact: Artifact) -> st
 def quant_types(artifact: Artifact) -> str | None:
     """The tensor types a GGUF holds (type x count), or the quantization a stage wrote."""
     if "tensor_types" in artifact.facts:
-        types = json.loads(artifact.facts["tensor_types"]) if isinstance(artifact.facts["tensor_types"], str) else artifact.facts["tensor_types"]
-        return ", ".join(f"{t} x {n}" for t, n in types.items())
+        return ", ".join(f"{t} x {n}" for t, n in json.loads(artifact.facts["tensor_types"]).items())
     for key in ("quant_type", "scheme", "precision", "bits"):
         if key in artifact.facts:
             return f"{key} {artifact.facts[key]}"

@@ -214,7 +214,8 @@ def promote_champion(
             "champion": winner is None, "reason": "current champion (from an earlier run)",
         })
     if given is not None:
-        chosen = next((c for c in [*candidates, *([champion] if champion else [])] if any(r["champion"] and r["version"] == c.version for r in rows)), None)
+        champion_version = next((r["version"] for r in rows if r["champion"]), None)
+        chosen = next((c for c in [*candidates, champion] if c is not None and c.version == champion_version), None)
         rows.append({
             "variant": "input", "runtime": given.runtime, "version": "", "ppl": round(given.ppl, 4), "ppl_delta_pct": round(given.ppl_delta_pct, 3),
             "reference": given.reference_runtime, "size_mb": round(given.size_mb, 3), "decode_tok_s": round(given.decode_tok_s, 3),
