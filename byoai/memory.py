@@ -227,11 +227,12 @@ class VariantPlan:
         return None
 
 
-def hessians_bytes(shape: ModelShape) -> int:
+def hessians_bytes(shape: ModelShape, working_copies: int = 0) -> int:
     """GPTQ / SparseGPT: one decoder layer's float32 Hessians at once (llm-compressor's sequential
     pipeline calibrates one layer at a time): six of hidden^2 (q, k, v, o, gate, up), one of
-    intermediate^2 (down)."""
-    return 4 * (6 * shape.hidden**2 + shape.intermediate**2)
+    intermediate^2 (down); plus `working_copies` more of the largest one, which the algorithm
+    holds while it factorizes it."""
+    return 4 * (6 * shape.hidden**2 + (1 + working_copies) * shape.intermediate**2)
 
 
 def layer_activations_bytes(ctx: PlanContext) -> int:
@@ -240,14 +241,14 @@ def layer_activations_bytes(ctx: PlanContext) -> int:
     return 2 * w.calibration_samples * w.calibration_seq_len * ctx.shape.hidden * 4
 
 
-def calibrates_layerwise(note: str, hessians: bool = False, artifact=None) -> callable:
+def calibrates_layerwise(note: str, hessians: bool = False, artifact=None, hessian_copies: int = 0) -> callable:
     """A technique that loads the model whole and calibrates it one layer at a time (with one
-    layer's Hessians for GPTQ and SparseGPT); `artifact(config, shape)` is its output's size
-    (default: dense, the input's size)."""
+    layer's Hessians for GPTQ and SparseGPT, and `hessian_copies` working copies of the largest);
+    `artifact(config, shape)` is its output's size (default: dense, the input's size)."""
 
     def footprint(config, ctx: PlanContext) -> Footprint:
         base = loads_model(note=note)(config, ctx)
-        more = (hessians_bytes(ctx.shape) if hessians else 0) + layer_activations_bytes(ctx)
+        more = (hessians_bytes(ctx.shape, hessian_copies) if hessians else 0) + layer_activations_bytes(ctx)
         size = artifact(config, ctx.shape) if artifact else ctx.input_bytes
         if ctx.device == "cpu":
             return Footprint(host=base.host + more, why=base.why, artifact=size)

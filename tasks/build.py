@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,19 @@ class BuildOutcome(BaseModel):
     unchanged: bool  # the technique returned its input (baseline): the input is the artifact
 
 
+def release_built_model() -> None:
+    """Let go of the built model before the reload check loads the saved one: two copies of a
+    model at once would double the build's peak. llm-compressor's global session keeps a reference
+    to the model it compressed until the next oneshot; nothing else of byoai's holds it."""
+    import gc
+
+    if "llmcompressor" in sys.modules:
+        from llmcompressor.core import active_session
+
+        active_session().reset()
+    gc.collect()
+
+
 def run_technique(request: BuildRequest) -> BuildOutcome:
     """In the worker: run the technique into out_dir, then reload what it saved and compare."""
     spec = TECHNIQUES[request.technique]
@@ -94,6 +108,7 @@ def run_technique(request: BuildRequest) -> BuildOutcome:
     ))
     facts = json.loads(json.dumps(result.facts, default=str))
     unchanged = result.model_dir == Path(request.model_dir)
+    release_built_model()
     if not unchanged:
         if result.load_kwargs:
             from byoai.tasks.techniques.io import write_load_kwargs

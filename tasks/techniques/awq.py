@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend, probe_ids
+from byoai.tasks.techniques import BuildInputs, BuildResult, Technique, TechniqueError, gptqmodel_backend
 from byoai.tasks.techniques.weight_quant import WeightQuantConfig, quantizable_layers, run_oneshot, quantization_scheme, weight_quant_footprint
 
 # GPTQModel's AWQ clipping search walks output channels in batches of 64 (or 256) and asserts
@@ -81,7 +81,7 @@ def _run_llmcompressor(inputs: BuildInputs) -> BuildResult:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    from byoai.tasks.techniques.io import load_stage_input, logits, save_model
+    from byoai.tasks.techniques.io import load_stage_input, saved
 
     config: AwqConfig = inputs.config
     scheme = config.weight_quant()
@@ -95,10 +95,7 @@ def _run_llmcompressor(inputs: BuildInputs) -> BuildResult:
     ]
     with _no_pinning_without_cuda():
         run_oneshot(model, recipe, inputs.calibration_ids)
-    save_model(model, tokenizer, inputs.out_dir, save_compressed=True)
-    return BuildResult(
-        model_dir=inputs.out_dir,
-        probe_logits=logits(model, probe_ids(inputs.calibration_ids)),
+    return saved(model, tokenizer, inputs, save_compressed=True, probe_first=True,
         facts={
             "format": "compressed-tensors",
             "backend": "llmcompressor",

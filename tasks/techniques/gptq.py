@@ -115,7 +115,10 @@ TECHNIQUE = Technique(
     name="gptq",
     summary="GPTQ weight-only quantization with calibration (llmcompressor or GPTQModel)",
     config=GptqConfig,
-    footprint=weight_quant_footprint(calibrated=True, hessians=True),
+    # llm-compressor 0.14's GPTQ holds three more float32 copies of the largest (down_proj's)
+    # Hessian at once: the stacked working buffer and activation ordering's two gathers
+    # (measured: ~1.1 GB above the steady state per layer at the 1B shape, intermediate 8192)
+    footprint=weight_quant_footprint(calibrated=True, hessians=True, hessian_copies=3),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

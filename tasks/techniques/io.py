@@ -61,7 +61,6 @@ def load_stage_input(model_dir: Path, dtype: str = "auto"):
     and rebuilt without their quantization config, so the next technique starts from ordinary
     Linear weights. Other quantized formats cannot be undone: quantize last in a chain.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
 
     config = AutoConfig.from_pretrained(model_dir, **hf_load_kwargs())
@@ -93,15 +92,22 @@ def save_model(model, tokenizer, out_dir: Path, **kwargs) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def saved(model, tokenizer, inputs, facts: dict, **save_kwargs):
+def saved(model, tokenizer, inputs, facts: dict, probe_first: bool = False, **save_kwargs):
     """Save a built model into inputs.out_dir and describe it: the facts, plus its logits on the
-    probe windows, which the build step compares with the reloaded folder. Saving comes first:
-    some formats (bitsandbytes 4-bit on CPU) change their in-memory weights at the first forward.
+    probe windows, which the build step compares with the reloaded folder.
+
+    Saving comes first by default: some formats (bitsandbytes 4-bit on CPU) change their in-memory
+    weights at the first forward. `probe_first` computes the logits before saving, for formats
+    whose save packs the weights in place (llm-compressor's compressed-tensors: a forward after it
+    decompresses the whole model again, a second copy of it in memory).
     """
     from byoai.tasks.techniques import BuildResult, probe_ids
 
+    probe = logits(model, probe_ids(inputs.calibration_ids)) if probe_first else None
     save_model(model, tokenizer, inputs.out_dir, **save_kwargs)
-    return BuildResult(model_dir=inputs.out_dir, facts=facts, probe_logits=logits(model, probe_ids(inputs.calibration_ids)))
+    if probe is None:
+        probe = logits(model, probe_ids(inputs.calibration_ids))
+    return BuildResult(model_dir=inputs.out_dir, facts=facts, probe_logits=probe)
 
 
 def logits(model, ids):

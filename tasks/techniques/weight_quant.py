@@ -224,7 +224,7 @@ def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate
     # a pruned input stays pruned (a sparse24 -> gptq chain keeps its 2:4 mask)
     with keep_pruned_zeros(model, layers) as sparsity_facts:
         run_oneshot(model, [modifier], inputs.calibration_ids if calibrate else None)
-    return saved(model, tokenizer, inputs, save_compressed=True,
+    return saved(model, tokenizer, inputs, save_compressed=True, probe_first=True,
         facts={
             "format": "compressed-tensors",
             "library": f"llmcompressor {version('llmcompressor')}",
@@ -235,9 +235,10 @@ def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate
     )
 
 
-def weight_quant_footprint(calibrated: bool, hessians: bool = False):
+def weight_quant_footprint(calibrated: bool, hessians: bool = False, hessian_copies: int = 0):
     """rtn / gptq / awq: the model whole in its dtype, calibrated one layer at a time (GPTQ with
-    that layer's Hessians); the file holds `bits` per Linear weight plus a 16-bit scale per group."""
+    that layer's Hessians and working copies); the file holds `bits` per Linear weight plus a
+    16-bit scale per group."""
     from byoai.memory import calibrates_layerwise, loads_model, quantized_size
 
     def artifact(config, shape):
@@ -252,4 +253,5 @@ def weight_quant_footprint(calibrated: bool, hessians: bool = False):
             return replace(dense(config, ctx), artifact=artifact(config, ctx.shape))
 
         return footprint
-    return calibrates_layerwise("calibrated one layer at a time (llm-compressor's sequential pipeline)", hessians=hessians, artifact=artifact)
+    return calibrates_layerwise("calibrated one layer at a time (llm-compressor's sequential pipeline)", hessians=hessians, artifact=artifact,
+                                hessian_copies=hessian_copies)
