@@ -171,6 +171,65 @@ def run(
     )
 
 
+@app.command()
+def auto(
+    model: Annotated[str, typer.Argument(help="embedded, a hub id (owner/name), a model folder or a .gguf file")],
+    target: Annotated[list[str], typer.Option("--target", help="a target profile (repeat for several)")],
+    name: Annotated[str | None, typer.Option(help="the registered model's name (default: <model>-auto)")] = None,
+    max_size_mb: Annotated[float | None, typer.Option("--max-size-mb", help="the champion's file must be at most this size")] = None,
+    min_decode_tok_s: Annotated[float | None, typer.Option("--min-decode-tok-s", help="... and decode at least this fast")] = None,
+    max_ppl_increase: Annotated[float | None, typer.Option("--max-ppl-increase", help="the gate, in percent (default: the recipe schema's, 10)")] = None,
+    objective: Annotated[str, typer.Option(help="smallest | fastest | best_quality, among those that pass")] = "smallest",
+    calibration: Annotated[str, typer.Option(help="builtin:python-docs or a text file")] = "builtin:python-docs",
+    evaluation: Annotated[str, typer.Option(help="builtin:python-docs or a text file")] = "builtin:python-docs",
+    time_budget_min: Annotated[float | None, typer.Option("--time-budget-min", help="stop starting candidates after this long")] = None,
+    tracking_uri: TrackingUri = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the candidates, why each is in or out, and a rough time; write nothing")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing <name>.auto.yaml")] = False,
+    no_register: Annotated[bool, typer.Option("--no-register", help="as for byoai run")] = False,
+) -> None:
+    """Write a recipe that searches every candidate the targets can ship, then run it: the best file per target."""
+    import yaml
+
+    from byoai.auto import InputStillBest, auto_recipe
+
+    if objective not in ("smallest", "fastest", "best_quality"):
+        err.print(f"[bold red]--objective {objective}:[/] use smallest, fastest or best_quality", highlight=False)
+        raise typer.Exit(2)
+    try:
+        data, choices = auto_recipe(
+            model, target, name, objective, max_size_mb, min_decode_tok_s, max_ppl_increase, calibration, evaluation,
+            time_budget_min, Path.cwd(),
+        )
+    except InputStillBest as exc:
+        console.print(str(exc), highlight=False)
+        raise typer.Exit(0) from None
+    except RecipeError as exc:
+        err.print(f"[bold red]invalid input[/]\n{exc}", highlight=False)
+        raise typer.Exit(2) from None
+    table = Table(title=f"{data['name']}: candidates for {', '.join(target)} ({objective})")
+    for column in ("candidate", "technique", "in", "why", "~min"):
+        table.add_column(column, overflow="fold")
+    for c in choices:
+        table.add_row(c.variant["name"], c.kind, "yes" if c.included else "no", c.why, f"{c.estimate_s / 60:.1f}")
+    console.print(table)
+    total = sum(c.estimate_s for c in choices if c.included)
+    console.print(f"{sum(c.included for c in choices)} candidates, at most ~{total / 60:.0f} min if none is pruned (rough: docs/auto.md)", highlight=False)
+    if dry_run:
+        return
+    path = Path(f"{data['name']}.auto.yaml")
+    if path.exists() and not force:
+        err.print(f"[bold red]{path.resolve()} exists:[/] pass --force to overwrite it, or --name for another recipe", highlight=False)
+        raise typer.Exit(2)
+    import shlex
+    import sys
+
+    path.write_text(f"# written by `{shlex.join(['byoai', *sys.argv[1:]])}`; edit it and re-run it with `byoai run {path}`\n"
+                    + yaml.safe_dump(data, sort_keys=False))
+    console.print(f"recipe: {path.resolve()}", highlight=False)
+    run(path, tracking_uri=tracking_uri, verbose=False, no_register=no_register)
+
+
 def _attach_log(tracking_uri: str, run_id: str | None, log_file: Path, term: Console) -> None:
     """The run's log file beside its results in MLflow (logs/<file>)."""
     if run_id is None or not log_file.is_file():

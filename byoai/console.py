@@ -25,7 +25,7 @@ from rich.table import Table
 
 from byoai import progress
 
-_DONE = {"done", "failed", "skipped"}
+_DONE = {"done", "failed", "skipped", "pruned"}
 
 
 def log_path(home: Path, name: str) -> Path:
@@ -119,7 +119,7 @@ class Reporter:
         for column in ("variant", "target", "runtime", "stage", "elapsed", ""):
             table.add_column(column)
         for (variant, target), row in self.rows.items():
-            style = {"done": "green", "failed": "red", "skipped": "yellow", "waiting": "dim"}.get(row["stage"], "cyan")
+            style = {"done": "green", "failed": "red", "skipped": "yellow", "pruned": "yellow", "waiting": "dim"}.get(row["stage"], "cyan")
             elapsed = "" if row["stage"] in (*_DONE, "waiting") else f"{time.monotonic() - row['since']:.0f} s"
             table.add_row(variant, target, row["runtime"], f"[{style}]{row['stage']}[/]", elapsed, row["detail"][:110])
         return table

@@ -203,6 +203,7 @@ class VariantPlan:
     target: str
     rows: list[PlanRow] = field(default_factory=list)
     capacity: Capacity | None = None
+    artifact: int = 0  # the estimated size of what its last stage writes
 
     @property
     def peak_host(self) -> int:
@@ -287,8 +288,14 @@ GGUF_BITS = {
 }
 
 
+# llama-quantize keeps the token embeddings and output head at q8_0-like precision (q6_k / q8_0)
+# in its lower-bit mixes: SmolLM2-135M's q4_0 is 93.5 MB, not the 76 MB of 4.5 bits everywhere.
+GGUF_EMBEDDING_BITS = 8.5
+
+
 def gguf_size(shape: ModelShape, quant_type: str) -> int:
-    return int(shape.params * GGUF_BITS[quant_type] / 8)
+    bits = GGUF_BITS[quant_type]
+    return int(shape.linear_params * bits / 8 + shape.embedding_params * max(bits, GGUF_EMBEDDING_BITS) / 8)
 
 
 def gguf_export_footprint(quant_type: str, imatrix: bool, ctx: PlanContext) -> Footprint:

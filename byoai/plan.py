@@ -74,6 +74,7 @@ def plan_variant(variant: VariantSpec, target: TargetProfile, ctx: PlanContext, 
         plan.rows.append(PlanRow(variant.name, target.name, "", f"build {stage.technique}", footprint.host, footprint.device, footprint.why))
         artifact = footprint.artifact if footprint.artifact is not None else artifact
         artifact_format = technique.output_of(stage.params)
+    plan.artifact = artifact
     for runtime in (r for r in target.runtimes if r in runtimes_for(artifact_format)):
         footprint = RUNTIMES[runtime].footprint(ctx, artifact)
         plan.rows.append(PlanRow(variant.name, target.name, runtime, "evaluate", footprint.host, footprint.device, footprint.why))

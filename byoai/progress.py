@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Stage = Literal["started", "waiting", "building", "evaluating", "registering", "done", "failed", "skipped"]
+Stage = Literal["started", "waiting", "building", "evaluating", "registering", "done", "failed", "skipped", "pruned"]
 
 # The file a worker process appends its progress to ("done total unit" lines); set by byoai.isolation.
 PROGRESS_FILE_ENV = "BYOAI_PROGRESS_FILE"

@@ -474,6 +474,39 @@ class PromotionSpec(_Strict):
     min_decode_tok_s: float | None = Field(default=None, gt=0)
 
 
+class RungSpec(_Strict):
+    """One low-fidelity rung of an auto search: perplexity only, on the first `windows`
+    evaluation windows, or on that `fraction` of them (at least one window)."""
+
+    windows: int | None = Field(default=None, ge=1)
+    fraction: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_measure(self) -> RungSpec:
+        if (self.windows is None) == (self.fraction is None):
+            raise ValueError("give windows (a count) or fraction (of the evaluation's windows), not both")
+        return self
+
+    def windows_of(self, total: int) -> int:
+        """How many of `total` evaluation windows this rung measures."""
+        return min(total, self.windows if self.windows is not None else max(1, int(total * self.fraction)))
+
+
+class AutoSpec(_Strict):
+    """Search the recipe's variants (all, or the `candidates` named) by multi-fidelity successive
+    halving with Optuna's own pruners: every candidate is measured on the rungs' few windows
+    first, and only the survivors get the full protocol (perplexity, profile, lm-eval tasks).
+    `byoai auto` writes such a recipe; `byoai run` executes it."""
+
+    candidates: tuple[Name, ...] = ()  # default: every variant, in the recipe's order (cheapest first)
+    rungs: tuple[RungSpec, ...] = (RungSpec(windows=2), RungSpec(fraction=0.25))
+    pruner: Literal["successive_halving", "hyperband"] = "successive_halving"
+    # Optuna's reduction factor: about 1 in this many candidates survives each rung.
+    reduction_factor: int = Field(default=3, ge=2)
+    # Stop starting candidates after this long; the best that reached the final rung is promoted.
+    time_budget_min: float | None = Field(default=None, gt=0)
+
+
 # ---------------------------------------------------------------- the recipe
 class Recipe(_Strict):
     name: Name
@@ -486,6 +519,7 @@ class Recipe(_Strict):
     promotion: PromotionSpec = PromotionSpec()
     schedule: ScheduleSpec | None = None
     execution: ExecutionSpec = ExecutionSpec()
+    auto: AutoSpec | None = None
 
     @field_validator("model", mode="before")
     @classmethod
@@ -520,7 +554,24 @@ class Recipe(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{field}: duplicate name(s) {dupes}; each must be unique")
+        if self.auto is not None:
+            names = [v.name for v in self.variants]
+            unknown = [c for c in self.auto.candidates if c not in names]
+            if unknown:
+                raise ValueError(f"auto.candidates: {unknown} name no variant; the variants are {', '.join(names)}")
+            searched = [v.name for v in self.auto_candidates() if v.search is not None]
+            if searched:
+                raise ValueError(f"auto.candidates: {searched} have their own search; a candidate of auto is one fixed variant")
         return self
+
+    def auto_candidates(self) -> list[VariantSpec]:
+        """The variants the auto search measures rung by rung, in their search order."""
+        if self.auto is None:
+            return []
+        if not self.auto.candidates:
+            return list(self.variants)
+        by_name = {v.name: v for v in self.variants}
+        return [by_name[name] for name in self.auto.candidates]
 
     def sha(self) -> str:
         """Content hash of the validated recipe (formatting and comments do not change it)."""

@@ -11,7 +11,7 @@ class ResultRow(BaseModel):
     variant: str
     technique: str
     target: str
-    status: Literal["finished", "failed", "skipped"]
+    status: Literal["finished", "failed", "skipped", "pruned"]
     # the runtime it was measured in (transformers, llama_cpp, ...) and which build of it
     runtime: str = ""
     runtime_build: str = ""

@@ -32,6 +32,7 @@ from byoai.tasks.promote import Candidate
 from byoai.tasks.runtime_build import build_runtime
 from byoai.tasks.runtimes import runtimes_for
 from byoai.tasks.search import Search
+from byoai.flows.auto_search import AutoSearch
 from byoai.tasks.tracking import RunRef, log_input_run, log_memory_plan, log_unbuilt_run, log_variant_run, register_variant
 
 class TargetOutcome(BaseModel):
@@ -87,6 +88,7 @@ class Loop:
     outcome: TargetOutcome
     memory: MemoryPlan
     reference: dict[str, Any] = field(default_factory=dict)  # target -> Metrics of the base model
+    reference_builds: dict[str, tuple[Any, str]] = field(default_factory=dict)  # target -> (its artifact future, runtime)
     builds: dict[tuple, tuple[str, Any]] = field(default_factory=dict)  # stage prefix -> (task run name, future): shared prefixes
     runtime_builds: dict[tuple[str, str], Any] = field(default_factory=dict)  # (target, runtime) -> future
 
@@ -120,14 +122,16 @@ class Loop:
             out.append((runtime, build))
         return out
 
-    def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str):
-        """Submit one evaluation; its row waits until a runner slot starts it (the task then says evaluating)."""
-        task_name = f"evaluate-{name}@{target.name}-{runtime}"
+    def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str, rung: tuple[int, TokensRef] | None = None):
+        """Submit one evaluation; its row waits until a runner slot starts it (the task then says
+        evaluating). `rung` (number, its windows): an auto search's perplexity-only measurement."""
+        task_name = f"evaluate-{name}@{target.name}-{runtime}" + (f"-rung{rung[0]}" if rung else "")
         progress.stands_for(task_name, name, target.name, runtime)
         progress.emit("waiting", name, target.name, runtime)
-        return _heavy(evaluate_in_runtime, task_name, target.device).submit(
-            artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args
-        )
+        evaluation = _heavy(evaluate_in_runtime, task_name, target.device)
+        if rung is not None:
+            return evaluation.submit(artifact, target, runtime, build, rung[1], self.recipe.evaluation.latency, perplexity_only=True)
+        return evaluation.submit(artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args)
 
     def runnable(self, variant: VariantSpec) -> list[TargetProfile]:
         """Targets this variant can run on; the others are recorded as skipped, with why."""
@@ -171,16 +175,22 @@ class Loop:
             stages.append(upstream)
         return stages
 
+    def built_chain(self, variant: VariantSpec, runnable: list[TargetProfile], stages: list) -> list | None:
+        """The chain's artifacts once built; None when a stage failed (recorded on every target)."""
+        failed = next((i for i, future in enumerate(stages) if future.wait() or future.state.is_failed()), None)
+        if failed is None:
+            return [future.result() for future in stages]
+        where = f"stage {failed} ({variant.stages[failed].technique})" if len(variant.stages) > 1 else "build"
+        message, text = error_text(stages[failed].state)
+        for target in runnable:
+            self.skip_or_fail(variant, target, "failed", f"{where} failed: {message}", text)
+        return None
+
     def submit_evaluations(self, variant: VariantSpec, runnable: list[TargetProfile], stages: list) -> list:
         """Once its chain is built, evaluate the artifact on each target; a failed stage is recorded."""
-        failed = next((i for i, future in enumerate(stages) if future.wait() or future.state.is_failed()), None)
-        if failed is not None:
-            where = f"stage {failed} ({variant.stages[failed].technique})" if len(variant.stages) > 1 else "build"
-            message, text = error_text(stages[failed].state)
-            for target in runnable:
-                self.skip_or_fail(variant, target, "failed", f"{where} failed: {message}", text)
+        built = self.built_chain(variant, runnable, stages)
+        if built is None:
             return []
-        built = [future.result() for future in stages]
         return [
             (variant, target, runtime, built, self.evaluate(built[-1], target, runtime, build, variant.name))
             for target in runnable
@@ -326,12 +336,16 @@ def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef
                 stage.technique, stage.params, model, model, loop.calibration, "cpu", loop.variants_dir
             )
         reference[t.name] = loop.evaluate(builds[key], t, runtime, loop.runtime_build(t, runtime), "reference")
+        loop.reference_builds[t.name] = builds[key], runtime
     loop.reference = {name: future.result() for name, future in reference.items()}
     for name, metrics in loop.reference.items():
         progress.emit("done", "reference", name, metrics.runtime, measured_line(metrics, 0.0))
 
     loop.run_input(measured)
-    loop.run_variants([v for v in recipe.variants if v.search is None])
+    searched = {v.name for v in recipe.auto_candidates()}
+    loop.run_variants([v for v in recipe.variants if v.search is None and v.name not in searched])
     for variant in recipe.variants:
         if variant.search is not None:
             loop.run_search(variant)
+    if recipe.auto is not None:
+        AutoSearch(loop, recipe.auto).run(recipe.auto_candidates())

@@ -113,3 +113,10 @@ def prepare_perplexity_tokens(spec: PerplexitySpec, model: ModelRef, data_dir: s
         )
     windows = ids[:usable].reshape(-1, spec.seq_len)
     return _save(windows, Path(data_dir), f"perplexity-{model.sha[:12]}-{usable}-{spec.seq_len}")
+
+
+@task(cache_policy=CACHED, persist_result=True)
+def first_windows(tokens: TokensRef, count: int, data_dir: str) -> TokensRef:
+    """The first `count` windows of a perplexity set: an auto search's low-fidelity rung."""
+    ids = load_tokens(tokens)[:count]
+    return _save(ids, Path(data_dir), f"{Path(tokens.path).stem}-first{count}")

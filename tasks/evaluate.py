@@ -69,6 +69,7 @@ def evaluate_in_runtime(
     latency: LatencySpec,
     lm_eval: LmEvalSpec | None = None,
     lm_eval_data: str | None = None,  # fingerprint of the task files: edited data invalidate the cache
+    perplexity_only: bool = False,  # an auto search's rung (tasks.runtimes.protocol.measure)
 ) -> Metrics:
     if not Path(artifact.path).exists():
         raise FileNotFoundError(f"artifact {artifact.path} is gone; delete .byoai/prefect-results to rebuild")
@@ -76,6 +77,7 @@ def evaluate_in_runtime(
         runtime=runtime, artifact_path=artifact.path, artifact_format=artifact.format, device=target.device,
         dtype=target.dtype, threads=target.threads, build=build, windows_path=perplexity_tokens.path,
         latency=latency.model_dump(mode="json"), lm_eval=lm_eval.model_dump(mode="json") if lm_eval else None,
+        perplexity_only=perplexity_only,
     )
     import time
 

@@ -63,6 +63,11 @@ _OBJECTIVES = {
 _OBJECTIVE_METRIC = {"smallest": "size_mb", "fastest": "decode_tok_s", "best_quality": "ppl"}
 
 
+def objective_key(objective: str):
+    """Sort key of candidates under an objective: the best first."""
+    return _OBJECTIVES[objective]
+
+
 def pareto_front(candidates: list[Candidate]) -> set[str]:
     """Versions no other candidate beats on all of perplexity, size and decode speed at once."""
 

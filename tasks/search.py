@@ -12,7 +12,7 @@ import random
 from typing import Any
 
 from byoai.recipe import PromotionSpec, RangeSpec, SearchSpec
-from byoai.tasks.promote import Candidate, rejection
+from byoai.tasks.promote import Candidate, objective_key, rejection
 
 WORST = 1e30
 _METRIC_OF_OBJECTIVE = {"smallest": "size_mb", "fastest": "decode_tok_s", "best_quality": "ppl"}
@@ -78,3 +78,93 @@ class Search:
             return False
         goal = -self.spec.stop_at if self.metric == "decode_tok_s" else self.spec.stop_at
         return score <= goal
+
+
+# How much larger a file may be and still decode faster, and how much smaller and still be better:
+# the margins of RungSearch.room_to_improve.
+ROOM_FASTER = 1.15
+ROOM_BETTER = 0.85
+
+
+class RungSearch:
+    """byoai auto's search on one target: an Optuna study whose own pruner (successive halving or
+    Hyperband) decides after each low-fidelity rung which candidates go on to the next.
+
+    A candidate reports one value per rung, at Optuna step reduction_factor**rung (the steps at
+    which successive halving's rungs sit with min_resource 1). The value is the promotion
+    objective's own measure where a rung has it, lower is better: size for smallest, perplexity
+    for best_quality; a rung measures no speed, so fastest ranks on size there (batch-1 decode
+    reads every weight once per token). A candidate whose rung numbers already fail the gate or
+    the size budget ends there (its size is exact at every rung; its perplexity is measured on
+    the rung's windows against the reference on the same windows); the pruner ranks the rest.
+    """
+
+    def __init__(self, auto, promotion: PromotionSpec):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.promotion, self.factor, self.rungs = promotion, auto.reduction_factor, len(auto.rungs)
+        if auto.pruner == "hyperband":
+            pruner = optuna.pruners.HyperbandPruner(min_resource=1, max_resource=self.factor ** self.rungs, reduction_factor=self.factor)
+        else:
+            pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=self.factor, min_early_stopping_rate=0)
+        self.study = optuna.create_study(direction="minimize", pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
+        self.finished = 0  # candidates that reached the final rung
+        self.best: Candidate | None = None  # the best of them that passes the gate and budgets
+
+    def room_to_improve(self, estimated_mb: float) -> str | None:
+        """Why a candidate of this estimated size cannot beat the best so far (it is not built), or None.
+
+        On size alone, as GGUF files behave: smallest needs a smaller file; fastest a file at most
+        ROOM_FASTER larger (batch-1 decode reads every weight once per token); best_quality one at
+        least ROOM_BETTER as large (a type much smaller than the best one loses quality)."""
+        best = self.best
+        if best is None:
+            return None
+        objective = self.promotion.objective
+        if objective == "smallest" and estimated_mb >= best.size_mb:
+            return f"no room to improve: ~{estimated_mb:.0f} MB estimated, {best.variant} already passes at {best.size_mb:.1f} MB"
+        if objective == "fastest" and estimated_mb > best.size_mb * ROOM_FASTER:
+            return f"no room to improve: ~{estimated_mb:.0f} MB estimated, over {ROOM_FASTER:g} x {best.variant}'s {best.size_mb:.1f} MB (it decodes at {best.decode_tok_s:.1f} tok/s)"
+        if objective == "best_quality" and estimated_mb < best.size_mb * ROOM_BETTER:
+            return f"no room to improve: ~{estimated_mb:.0f} MB estimated, under {ROOM_BETTER:g} x {best.variant}'s {best.size_mb:.1f} MB (ppl {best.ppl:.3f})"
+        return None
+
+    def start(self, candidate: str):
+        trial = self.study.ask()
+        trial.set_user_attr("candidate", candidate)
+        return trial
+
+    def report(self, trial, rung: int, ppl_delta_pct: float, ppl: float, size_mb: float) -> str | None:
+        """Report a rung's numbers; why the candidate is dropped here (it is told so), or None."""
+        import optuna
+
+        limit, budget = self.promotion.gate.max_ppl_increase_pct, self.promotion.max_size_mb
+        why = None
+        if ppl_delta_pct > limit:
+            why = f"fails the gate on these windows (+{ppl_delta_pct:.1f} % > {limit:g} %)"
+        elif budget is not None and size_mb > budget:
+            why = f"over budget ({size_mb:.1f} MB > max_size_mb {budget:g})"
+        trial.report(WORST if why else ppl if self.promotion.objective == "best_quality" else size_mb, step=self.factor**rung)
+        if why is None and trial.should_prune():
+            why = f"ranked out by {'Hyperband' if isinstance(self.study.pruner, optuna.pruners.HyperbandPruner) else 'successive halving'}"
+        if why is not None:
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return why
+
+    def finish(self, trial, candidate: Candidate | None) -> None:
+        """The candidate's full measurement (None: it failed); scored like a search trial."""
+        import optuna
+
+        if candidate is None:
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        self.finished += 1
+        if rejection(candidate, self.promotion) is not None:
+            self.study.tell(trial, WORST)
+            return
+        if self.best is None or objective_key(self.promotion.objective)(candidate) < objective_key(self.promotion.objective)(self.best):
+            self.best = candidate
+        metric = _METRIC_OF_OBJECTIVE[self.promotion.objective]
+        value = getattr(candidate, metric)
+        self.study.tell(trial, -value if metric == "decode_tok_s" else value)

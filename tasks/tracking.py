@@ -241,16 +241,21 @@ def log_unbuilt_run(
     parent: RunRef,
     variant: VariantSpec,
     target: TargetProfile,
-    status: Literal["failed", "skipped"],
+    status: Literal["failed", "skipped", "pruned"],
     reason: str,
     error_text: str | None = None,
     runtime: str = "",
+    tags: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> str:
-    """A child run for a variant x target that produced nothing: FAILED with the error, or skipped."""
+    """A child run for a variant x target that produced no version: FAILED with the error, skipped,
+    or pruned by an auto search (with the rung's numbers it was dropped on)."""
     mlflow = client(parent.tracking_uri)
-    run_id = _child(mlflow, parent, variant, target, status, {f"{TAG}reason": reason[:5000]}, runtime)
+    run_id = _child(mlflow, parent, variant, target, status, {f"{TAG}reason": reason[:5000], **(tags or {})}, runtime)
     if error_text:
         mlflow.log_text(run_id, error_text, "error.txt")
+    if metrics:
+        _log(mlflow, run_id, metrics=metrics)
     mlflow.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
     return run_id
 

@@ -67,6 +67,7 @@ class MeasureRequest(BaseModel):
     build: RuntimeBuild
     windows_path: str  # perplexity windows (safetensors, key input_ids), the same ids in every runtime
     latency: dict[str, Any]  # byoai.recipe.LatencySpec as JSON
+    perplexity_only: bool = False  # an auto search's rung: no latency profile, no tasks
     lm_eval: dict[str, Any] | None = None  # tasks.lm_eval_tasks.LmEvalSpec as JSON
 
 

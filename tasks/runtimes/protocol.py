@@ -81,11 +81,15 @@ def memory_bandwidth_gb_s(device: str) -> float:
     return 2 * source.numel() * source.element_size() / min(timings) / 1e9
 
 
-def measure(session: Session, windows, spec, lm_eval=None) -> Measured:
-    """The whole protocol on one loaded artifact."""
+def measure(session: Session, windows, spec, lm_eval=None, perplexity_only: bool = False) -> Measured:
+    """The whole protocol on one loaded artifact; `perplexity_only` (an auto search's rung) skips
+    the latency profile and the tasks (their numbers are 0 and empty)."""
     from byoai.tasks.lm_eval_tasks import score_lm
 
     ppl = perplexity(session, windows)
+    if perplexity_only:
+        return Measured(ppl=ppl, ppl_tokens=int(windows.numel()), load_s=session.load_s, prefill_ms=0.0, decode_tok_s=0.0,
+                        device=session.description, profile=session.memory())
     profile = latency(session, windows, spec)
     profile |= session.memory()
     bandwidth = memory_bandwidth_gb_s(session.device)

@@ -87,11 +87,18 @@ def run(inputs: BuildInputs) -> BuildResult:
     return BuildResult(model_dir=inputs.out_dir, facts=facts, format="gguf")
 
 
+def exported_size(config: AutoRoundConfig, shape) -> int:
+    """The GGUF of its export type, or a GPTQ folder: 4 bits per Linear weight and a scale per group."""
+    from byoai.memory import gguf_size, quantized_size
+
+    return quantized_size(shape, 4 + 16 / config.group_size) if config.export == "gptq" else gguf_size(shape, config.export)
+
+
 TECHNIQUE = Technique(
     name="autoround",
     summary="AutoRound (SignRound) on CPU: a GGUF (q4_0, q4_1, q4_k_m, ...) for llama.cpp or a GPTQ folder",
     config=AutoRoundConfig,
-    footprint=calibrates_layerwise("AutoRound block by block (low_gpu_mem_usage)"),
+    footprint=calibrates_layerwise("AutoRound block by block (low_gpu_mem_usage)", artifact=exported_size),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

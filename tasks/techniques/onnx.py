@@ -146,11 +146,21 @@ def run(inputs: BuildInputs) -> BuildResult:
     return BuildResult(model_dir=inputs.out_dir, facts=facts, format="onnx")
 
 
+def onnx_footprint(config: OnnxConfig, ctx):
+    """The model builder loads float32 weights (4 more bytes per parameter than bf16) and writes the
+    graph; int4/int8 quantize every MatMul and, shared, the embeddings too (a 16-bit scale per block)."""
+    from dataclasses import replace
+
+    loaded = loads_model(extra_per_param=4, note="the model builder loads float32 weights and writes the ONNX graph")(config, ctx)
+    bits = {"int4": 4 + 16 / config.block_size, "int8": 8 + 16 / config.block_size, "fp16": 16, "bf16": 16, "fp32": 32}[config.precision]
+    return replace(loaded, artifact=int(ctx.shape.params * bits / 8))
+
+
 TECHNIQUE = Technique(
     name="onnx",
     summary="ONNX export: onnxruntime-genai's model builder (int4/int8 MatMulNBits, fp32/fp16); reads GPTQ/AWQ checkpoints as they are",
     config=OnnxConfig,
-    footprint=loads_model(extra_per_param=4, note="the model builder loads float32 weights and writes the ONNX graph"),
+    footprint=onnx_footprint,
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=False,

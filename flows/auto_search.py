@@ -1,0 +1,124 @@
+"""An auto search inside a run (the recipe's `auto` section, what `byoai auto` writes).
+
+Candidates one after another, in the recipe's order (cheapest first): each is built (cached, like
+every variant), measured on each rung's few windows in the runtime it ships in (perplexity only),
+and goes on to the next rung only while Optuna's pruner keeps it; the survivors get the full
+protocol, a child run and a model version like any variant. A pruned candidate keeps its child
+run (status pruned, tagged with its rung and the numbers it was dropped on) and no version.
+Orchestration only: every number is computed in a task.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from byoai import progress
+from byoai.recipe import AutoSpec, TargetProfile, VariantSpec
+from byoai.settings import Settings
+from byoai.summary import ResultRow
+from byoai.tasks.data import first_windows
+from byoai.tasks.evaluate import ppl_delta_pct
+from byoai.tasks.search import RungSearch
+from byoai.tasks.tracking import log_unbuilt_run
+
+if TYPE_CHECKING:
+    from byoai.flows.measure import Loop
+
+SEARCH_TAG = "auto"
+
+
+def rung_windows(auto: AutoSpec, total: int) -> list[int]:
+    """Each rung's window count, kept only where it measures more than the rung before and less
+    than the full protocol (a short evaluation text may leave fewer rungs, or none)."""
+    counts: list[int] = []
+    for rung in auto.rungs:
+        count = rung.windows_of(total)
+        if count < total and (not counts or count > counts[-1]):
+            counts.append(count)
+    return counts
+
+
+class AutoSearch:
+    def __init__(self, loop: Loop, auto: AutoSpec):
+        self.loop, self.auto = loop, auto
+        self.searches = {t.name: RungSearch(auto, loop.recipe.promotion) for t in loop.targets}
+        self.rungs = [first_windows(loop.perplexity_tokens, count, str(Settings().data_dir())) for count in rung_windows(auto, loop.perplexity_tokens.shape[0])]
+        self.rung_references: dict[tuple[str, int], object] = {}
+        self.deadline = time.monotonic() + auto.time_budget_min * 60 if auto.time_budget_min else None
+
+    def out_of_time(self, target: TargetProfile) -> bool:
+        """Past the time budget, once a candidate on this target reached the final rung (so one can be promoted)."""
+        return self.deadline is not None and time.monotonic() > self.deadline and self.searches[target.name].finished > 0
+
+    def reference_at(self, target: TargetProfile, rung: int):
+        """The gate's reference measured on the rung's windows (a rung's ppl is compared like with like)."""
+        if (target.name, rung) not in self.rung_references:
+            artifact, runtime = self.loop.reference_builds[target.name]
+            future = self.loop.evaluate(artifact, target, runtime, self.loop.runtime_build(target, runtime), "reference", (rung, self.rungs[rung]))
+            self.rung_references[target.name, rung] = future.result()
+        return self.rung_references[target.name, rung]
+
+    def run(self, candidates: list[VariantSpec]) -> None:
+        for candidate in candidates:
+            targets = []
+            for target in self.loop.runnable(candidate):
+                planned = self.loop.memory.of(candidate.name, target.name)
+                no_room = self.searches[target.name].room_to_improve(planned.artifact / 1e6) if planned else None
+                if self.out_of_time(target):
+                    self.loop.skip_or_fail(candidate, target, "skipped", f"auto.time_budget_min ({self.auto.time_budget_min:g} min) reached before this candidate")
+                elif no_room:
+                    self.loop.skip_or_fail(candidate, target, "skipped", no_room)
+                else:
+                    targets.append(target)
+            if targets:
+                self.search(candidate, targets)
+
+    def search(self, candidate: VariantSpec, targets: list[TargetProfile]) -> None:
+        built = self.loop.built_chain(candidate, targets, self.loop.submit_chain(candidate, targets))
+        if built is None:
+            return
+        alive = [(t, runtime, build) for t in targets for runtime, build in self.loop.measurable(candidate, t, built[-1].format)]
+        trials = {(t.name, runtime): self.searches[t.name].start(candidate.name) for t, runtime, _ in alive}
+        for rung, windows in enumerate(self.rungs):
+            futures = [(t, runtime, build, self.loop.evaluate(built[-1], t, runtime, build, candidate.name, (rung, windows))) for t, runtime, build in alive]
+            alive = []
+            for target, runtime, build, future in futures:
+                search, trial = self.searches[target.name], trials[target.name, runtime]
+                if future.wait() or future.state.is_failed():
+                    from byoai.flows.measure import error_text
+
+                    message, text = error_text(future.state)
+                    self.loop.skip_or_fail(candidate, target, "failed", f"rung {rung} evaluation failed: {message}", text, runtime)
+                    search.finish(trial, None)
+                    continue
+                metrics = future.result()
+                delta = ppl_delta_pct(metrics, self.reference_at(target, rung))
+                why = search.report(trial, rung, delta, metrics.ppl, metrics.size_mb)
+                if why is None:
+                    alive.append((target, runtime, build))
+                else:
+                    self.record_pruned(candidate, target, runtime, rung, metrics, delta, why)
+        if not alive:
+            return
+        evaluations = [(candidate, t, runtime, built, self.loop.evaluate(built[-1], t, runtime, build, candidate.name)) for t, runtime, build in alive]
+        note = f"auto: kept through {len(self.rungs)} rung(s)"
+        recorded = self.loop.record_variant(candidate, evaluations, {"byoai.search": SEARCH_TAG, "byoai.rung": "final"}, note)
+        for (_, target, runtime, *_), result in zip(evaluations, recorded, strict=True):
+            self.searches[target.name].finish(trials[target.name, runtime], result)
+
+    def record_pruned(self, candidate: VariantSpec, target: TargetProfile, runtime: str, rung: int, metrics, delta: float, why: str) -> None:
+        """A pruned candidate: its child run with the rung's numbers, a row that says where and why, no version."""
+        windows = self.rungs[rung].shape[0]
+        reason = (f"pruned at rung {rung} ({windows} window{'s' * (windows > 1)}): {why}; "
+                  f"ppl {metrics.ppl:.3f} ({delta:+.1f} %), {metrics.size_mb:.1f} MB")
+        run_id = log_unbuilt_run(
+            self.loop.parent, candidate, target, "pruned", reason, runtime=runtime,
+            tags={"byoai.search": SEARCH_TAG, "byoai.rung": str(rung), "byoai.pruned": "true"},
+            metrics={"ppl": metrics.ppl, "ppl_delta_pct": delta, "size_mb": metrics.size_mb, "rung": rung, "rung_windows": windows},
+        )
+        progress.emit("pruned", candidate.name, target.name, runtime, reason)
+        self.loop.outcome.results.append(ResultRow(
+            variant=candidate.name, technique=candidate.technique, target=target.name, runtime=runtime, status="pruned",
+            ppl=metrics.ppl, ppl_delta_pct=delta, size_mb=metrics.size_mb, run_id=run_id, reason=reason,
+        ))

@@ -1,0 +1,119 @@
+"""`byoai auto` and the recipe's `auto` section: real builds of the embedded SmolLM2 in llama.cpp,
+a real Optuna pruner, a real MLflow store and Prefect run."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from byoai.cli import app
+from byoai.recipe import load_recipe
+from byoai.settings import Settings
+from tests.test_flow import task_states, versions
+
+
+def children(client: MlflowClient, name: str) -> dict[str, dict[str, str]]:
+    """variant -> the tags of its child run in the model's latest parent run."""
+    experiment = client.get_experiment_by_name(name)
+    parent = client.search_runs([experiment.experiment_id], "tags.`byoai.recipe_sha` != ''", order_by=["start_time DESC"], max_results=1)[0]
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {r.data.tags["byoai.variant"]: r.data.tags | {f"metric.{k}": v for k, v in r.data.metrics.items()} for r in runs}, parent
+
+
+@pytest.mark.parametrize("args, says", [
+    (["embedded", "--target", "cpu-nowhere"], "--target: unknown cpu-nowhere"),
+    (["embedded", "--target", "cpu-x86", "--max-size-mb", "10"], "--max-size-mb 10: no candidate can meet it; the smallest is gguf-q2_k"),
+    (["no-such-folder", "--target", "cpu-x86"], "MODEL: 'no-such-folder' is not `embedded`"),
+])
+def test_bad_input_names_the_option_exits_2_and_writes_nothing(workdir, args, says):
+    result = CliRunner().invoke(app, ["auto", *args])
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split()), result.output
+    assert not list(workdir.glob("*.auto.yaml"))
+
+
+def test_dry_run_lists_the_candidates_and_writes_nothing(workdir):
+    result = CliRunner().invoke(app, ["auto", "embedded", "--target", "cpu-x86", "--max-size-mb", "100", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    # over the budget on their estimated size, or too slow without a time budget: out, with why
+    assert "gguf-q8_0 │ gguf │ no │ ~143 MB estimated, over --max-size-mb 100" in out
+    assert "qat-q4_0 │ qat │ no │ expensive (no --time-budget-min)" in out
+    assert "gguf-q2_k │ gguf │ yes" in out and "gguf-mixed-at-budget │ gguf_mixed │ yes" in out
+    assert not list(workdir.glob("*.auto.yaml")) and not (workdir / ".byoai" / "mlflow.db").exists()
+
+
+def test_auto_writes_its_recipe_stops_at_the_time_budget_promotes_and_reruns_from_cache(workdir):
+    command = ["auto", "embedded", "--target", "cpu-x86", "--max-size-mb", "100", "--max-ppl-increase", "50",
+               "--time-budget-min", "0.01", "--no-register"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    path = workdir / "smollm2-135m-auto.auto.yaml"
+    recipe = load_recipe(path)  # what it ran is a recipe like any other
+    assert recipe.auto.time_budget_min == 0.01 and recipe.promotion.max_size_mb == 100
+    names = [v.name for v in recipe.variants]
+    assert names[:2] == ["gguf-q2_k", "gguf-q3_k_m"] and "gguf-q8_0" not in names  # cheapest kind first, smallest first
+    client = MlflowClient(Settings().tracking())
+    runs, parent = children(client, "smollm2-135m-auto")
+    # candidates that fail the gate or the budget end at rung 0; the first that passes goes through
+    # every rung and is promoted; the time budget then stops the search
+    finished = [n for n in names if runs[n]["byoai.status"] == "finished"]
+    assert len(finished) == 1, {n: runs[n]["byoai.status"] for n in names}
+    first = names.index(finished[0])
+    assert runs[finished[0]]["byoai.rung"] == "final" and runs[finished[0]]["byoai.search"] == "auto"
+    for name in names[:first]:
+        assert runs[name]["byoai.status"] == "pruned" and runs[name]["byoai.rung"] == "0", runs[name]
+        assert runs[name]["metric.size_mb"] > 100 or runs[name]["metric.ppl_delta_pct"] > 50
+    assert all(runs[n]["byoai.status"] == "skipped" and "auto.time_budget_min (0.01 min) reached" in runs[n]["byoai.reason"] for n in names[first + 1:])
+    champion = client.get_model_version_by_alias("smollm2-135m-auto", "champion-cpu-x86")
+    assert champion.tags["byoai.variant"] == finished[0]
+    assert "beats the input file" in result.output  # the embedded Q4_1 file is 98.4 MB
+
+    # the written recipe is not overwritten without --force
+    before = path.read_text()
+    again = CliRunner().invoke(app, command)
+    assert again.exit_code == 2 and "pass --force" in again.output and path.read_text() == before
+
+    # re-run with byoai run: every step of what it measured is found in the cache
+    rerun = CliRunner().invoke(app, ["run", str(path), "--no-register"])
+    assert rerun.exit_code == 0, rerun.output
+    runs, parent = children(client, "smollm2-135m-auto")
+    states = task_states(parent.data.tags["prefect.flow_run_id"])
+    heavy = {name: state for name, state in states.items() if name.startswith(("build", "evaluate", "prepare", "first_windows"))}
+    assert len(heavy) >= 6 and set(heavy.values()) == {"Cached"}, heavy
+    assert [v.version for v in versions(client, "smollm2-135m-auto")] == [champion.version]
+
+
+def test_the_pruner_drops_a_candidate_that_fails_the_gate_at_rung_0(workdir):
+    path = workdir / "pruned.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: pruned
+        model: embedded
+        calibration: {source: {kind: builtin, split: train}, n_samples: 4, seq_len: 128}
+        evaluation:
+          perplexity: {source: {kind: builtin, split: test}, max_tokens: 4096, seq_len: 512}
+          latency: {prompt_tokens: 16, new_tokens: 4, warmup: 0, repeats: 1}
+        targets: [cpu-x86]
+        promotion: {gate: {max_ppl_increase_pct: 5}, objective: smallest}
+        variants:
+          - {name: gguf-q8_0, technique: gguf, params: {quant_type: q8_0}}
+          - {name: gguf-q2_k, technique: gguf, params: {quant_type: q2_k}}
+        auto: {}
+        """))
+    result = CliRunner().invoke(app, ["run", str(path), "--no-register"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(Settings().tracking())
+    runs, parent = children(client, "pruned")
+    q2 = runs["gguf-q2_k"]
+    assert q2["byoai.status"] == "pruned" and q2["byoai.rung"] == "0" and q2["byoai.pruned"] == "true"
+    assert q2["byoai.reason"].startswith("pruned at rung 0 (2 windows): ppl ") and q2["metric.ppl_delta_pct"] > 5
+    assert runs["gguf-q8_0"]["byoai.status"] == "finished"
+    # q2_k was measured on rung 0's two windows only: no later rung, no full evaluation, no version
+    states = task_states(parent.data.tags["prefect.flow_run_id"])
+    assert "evaluate-gguf-q2_k@cpu-x86-llama_cpp-rung0" in states
+    assert not any(name.startswith("evaluate-gguf-q2_k") and not name.endswith("rung0") for name in states), states
+    assert [v.tags["byoai.variant"] for v in versions(client, "pruned")] == ["gguf-q8_0"]
+    assert "pruned: pruned at rung 0" in " ".join(result.output.split())
