@@ -1,7 +1,7 @@
 """Does `byoai auto` choose well? Its champions against an exhaustive search, for three budgets.
 
     python bench/auto.py          (the embedded SmolLM2-135M x WikiText-2 from ../shared; ~30 min on 2 cores)
-    python bench/auto.py --quick  (a tiny random Llama, Python's own docs: what the test suite runs)
+    python bench/auto.py --quick  (a tiny random Llama, Python's docs, one budget: what the test suite runs)
 
 1. One exhaustive recipe of every candidate the three budgets' auto recipes list, run from an empty
    BYOAI_HOME; each budget is then a selection (tasks.promote.decide) of that one measured set.
@@ -37,7 +37,8 @@ BUDGETS = {
     "best_quality-under-100mb": {"objective": "best_quality", "max_size_mb": 100.0},
 }
 MEASURE = {"smallest": "size_mb", "fastest": "decode_tok_s", "best_quality": "ppl"}
-# --quick: three GGUF types only, so the suite measures the mechanism, not the candidate list
+# --quick: one budget and three GGUF types, so the suite runs the mechanism, not the measurement
+QUICK_BUDGET = "smallest-within-10pct"
 QUICK_CANDIDATES = ("gguf-q8_0", "gguf-q4_0", "gguf-q2_k")
 
 
@@ -65,7 +66,9 @@ def recipes(quick: bool) -> tuple[dict, dict[str, dict]]:
     texts = ("builtin:python-docs", "builtin:python-docs") if quick or not WIKITEXT.is_dir() else (str(WIKITEXT / "valid.txt"), str(WIKITEXT / "test.txt"))
     autos = {}
     for budget, options in BUDGETS.items():
-        size = None if quick else options.get("max_size_mb")
+        if quick and budget != QUICK_BUDGET:
+            continue
+        size = options.get("max_size_mb")
         data, _ = auto_recipe(
             model, ["cpu-x86"], f"auto-{budget}", options["objective"], size, None, options.get("max_ppl_increase"),
             texts[0], texts[1], None, ROOT,

@@ -14,12 +14,12 @@ import time
 from typing import TYPE_CHECKING
 
 from byoai import progress
-from byoai.recipe import AutoSpec, TargetProfile, VariantSpec
+from byoai.recipe import AutoSpec, LatencySpec, TargetProfile, VariantSpec
 from byoai.settings import Settings
 from byoai.summary import ResultRow
 from byoai.tasks.data import first_windows
 from byoai.tasks.evaluate import ppl_delta_pct
-from byoai.tasks.search import RungSearch
+from byoai.tasks.search import FASTEST_RUNG_LATENCY, RungSearch
 from byoai.tasks.tracking import log_unbuilt_run
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ class AutoSearch:
         self.rungs = [first_windows(loop.perplexity_tokens, count, str(Settings().data_dir())) for count in rung_windows(auto, loop.perplexity_tokens.shape[0])]
         self.rung_references: dict[tuple[str, int], object] = {}
         self.deadline = time.monotonic() + auto.time_budget_min * 60 if auto.time_budget_min else None
+        # a fastest search ranks its rungs on a short decode too; the others on perplexity alone
+        self.rung_latency = LatencySpec(**FASTEST_RUNG_LATENCY) if loop.recipe.promotion.objective == "fastest" else None
 
     def out_of_time(self, target: TargetProfile) -> bool:
         """Past the time budget, once a candidate on this target reached the final rung (so one can be promoted)."""
@@ -55,7 +57,7 @@ class AutoSearch:
         """The gate's reference measured on the rung's windows (a rung's ppl is compared like with like)."""
         if (target.name, rung) not in self.rung_references:
             artifact, runtime = self.loop.reference_builds[target.name]
-            future = self.loop.evaluate(artifact, target, runtime, self.loop.runtime_build(target, runtime), "reference", (rung, self.rungs[rung]))
+            future = self.loop.evaluate(artifact, target, runtime, self.loop.runtime_build(target, runtime), "reference", (rung, self.rungs[rung], None))
             self.rung_references[target.name, rung] = future.result()
         return self.rung_references[target.name, rung]
 
@@ -81,7 +83,8 @@ class AutoSearch:
         alive = [(t, runtime, build) for t in targets for runtime, build in self.loop.measurable(candidate, t, built[-1].format)]
         trials = {(t.name, runtime): self.searches[t.name].start(candidate.name) for t, runtime, _ in alive}
         for rung, windows in enumerate(self.rungs):
-            futures = [(t, runtime, build, self.loop.evaluate(built[-1], t, runtime, build, candidate.name, (rung, windows))) for t, runtime, build in alive]
+            futures = [(t, runtime, build, self.loop.evaluate(built[-1], t, runtime, build, candidate.name, (rung, windows, self.rung_latency)))
+                       for t, runtime, build in alive]
             alive = []
             for target, runtime, build, future in futures:
                 search, trial = self.searches[target.name], trials[target.name, runtime]
@@ -94,7 +97,7 @@ class AutoSearch:
                     continue
                 metrics = future.result()
                 delta = ppl_delta_pct(metrics, self.reference_at(target, rung))
-                why = search.report(trial, rung, delta, metrics.ppl, metrics.size_mb)
+                why = search.report(trial, rung, delta, metrics)
                 if why is None:
                     alive.append((target, runtime, build))
                 else:
@@ -111,7 +114,8 @@ class AutoSearch:
         """A pruned candidate: its child run with the rung's numbers, a row that says where and why, no version."""
         windows = self.rungs[rung].shape[0]
         reason = (f"pruned at rung {rung} ({windows} window{'s' * (windows > 1)}): {why}; "
-                  f"ppl {metrics.ppl:.3f} ({delta:+.1f} %), {metrics.size_mb:.1f} MB")
+                  f"ppl {metrics.ppl:.3f} ({delta:+.1f} %), {metrics.size_mb:.1f} MB"
+                  + (f", {metrics.decode_tok_s:.1f} tok/s" if metrics.decode_tok_s else ""))
         run_id = log_unbuilt_run(
             self.loop.parent, candidate, target, "pruned", reason, runtime=runtime,
             tags={"byoai.search": SEARCH_TAG, "byoai.rung": str(rung), "byoai.pruned": "true"},

@@ -19,7 +19,7 @@ from byoai import progress
 from byoai.capability import runtime_skip_reason, skip_reason
 from byoai.memory import shape_of_folder
 from byoai.plan import MemoryPlan, capacity_here, plan_memory, reference_variant
-from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
+from byoai.recipe import INPUT_VARIANT, LatencySpec, Recipe, TargetProfile, VariantSpec
 from byoai.settings import Settings
 from byoai.summary import ResultRow
 from byoai.tasks.build import build_variant, gguf_input_artifact
@@ -122,15 +122,17 @@ class Loop:
             out.append((runtime, build))
         return out
 
-    def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str, rung: tuple[int, TokensRef] | None = None):
+    def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str, rung: tuple[int, TokensRef, LatencySpec | None] | None = None):
         """Submit one evaluation; its row waits until a runner slot starts it (the task then says
-        evaluating). `rung` (number, its windows): an auto search's perplexity-only measurement."""
+        evaluating). `rung` (number, its windows, a short latency or None for perplexity only):
+        an auto search's low-fidelity measurement."""
         task_name = f"evaluate-{name}@{target.name}-{runtime}" + (f"-rung{rung[0]}" if rung else "")
         progress.stands_for(task_name, name, target.name, runtime)
         progress.emit("waiting", name, target.name, runtime)
         evaluation = _heavy(evaluate_in_runtime, task_name, target.device)
         if rung is not None:
-            return evaluation.submit(artifact, target, runtime, build, rung[1], self.recipe.evaluation.latency, perplexity_only=True)
+            _, windows, latency = rung
+            return evaluation.submit(artifact, target, runtime, build, windows, latency or self.recipe.evaluation.latency, perplexity_only=latency is None)
         return evaluation.submit(artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args)
 
     def runnable(self, variant: VariantSpec) -> list[TargetProfile]:

@@ -117,3 +117,23 @@ def test_the_pruner_drops_a_candidate_that_fails_the_gate_at_rung_0(workdir):
     assert not any(name.startswith("evaluate-gguf-q2_k") and not name.endswith("rung0") for name in states), states
     assert [v.tags["byoai.variant"] for v in versions(client, "pruned")] == ["gguf-q8_0"]
     assert "pruned: pruned at rung 0" in " ".join(result.output.split())
+
+
+def test_rungs_grow_and_optunas_pruner_ranks_what_passes_the_gate():
+    from byoai.flows.auto_search import rung_windows
+    from byoai.recipe import AutoSpec, PromotionSpec
+    from byoai.tasks.evaluate import Metrics
+    from byoai.tasks.search import RungSearch
+
+    auto = AutoSpec()
+    assert rung_windows(auto, 40) == [2, 10] and rung_windows(auto, 8) == [2] and rung_windows(auto, 2) == [1] and rung_windows(auto, 1) == []
+    search = RungSearch(auto, PromotionSpec.model_validate({"gate": {"max_ppl_increase_pct": 5}, "objective": "smallest"}))
+
+    def rung0(name: str, size_mb: float, delta: float) -> str | None:
+        metrics = Metrics(ppl=20.0, ppl_tokens=1024, load_s=0.1, prefill_ms=0.0, decode_tok_s=0.0, device="cpu", size_mb=size_mb, runtime="llama_cpp")
+        return search.report(search.start(name), 0, delta, metrics)
+
+    assert rung0("q8_0", 145.0, 0.4) is None  # the first one has nothing to be ranked against
+    assert rung0("q2_k", 60.0, 38.0).startswith("fails the gate on these windows (+38.0 % > 5 %)")
+    assert rung0("q6_k", 120.0, 1.0) is None  # smaller than the best so far
+    assert rung0("q6_k-copy", 150.0, 1.0) == "ranked out by successive halving"  # larger than every passing one
