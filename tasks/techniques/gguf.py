@@ -72,6 +72,25 @@ def convert(model_dir: Path, out_file: Path, src: Path, outtype: str) -> None:
         raise TechniqueError(f"llama.cpp's converter (convert_hf_to_gguf.py) cannot convert this model: {error_line(done.stderr)}")
 
 
+def converted_gguf(model_dir: Path, model_sha: str, outtype: str, src: Path, version: str, variants_dir: Path) -> Path:
+    """The stage input converted to GGUF in its own dtype, once per (model content, dtype,
+    llama.cpp): every type, the imatrix and gguf_mixed of one model read the same file (the
+    converter is the slowest step of a small model's export; at 8B it writes 15 GB each time)."""
+    from byoai.files import json_sha256
+
+    key = json_sha256({"model": model_sha, "outtype": outtype, "version": version})
+    path = variants_dir / "gguf-converted" / f"{key[:24]}-{outtype}.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            convert(model_dir, partial, src, outtype)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return path
+
+
 def calibration_text(model_dir: Path, calibration_ids) -> str:
     """The calibration windows as text: llama-imatrix tokenizes its input file itself."""
     from transformers import AutoTokenizer
@@ -117,16 +136,16 @@ def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: st
     out = inputs.out_dir / GGUF_FILE
     outtype, weight_bytes = OUTTYPES[checkpoint_dtype(inputs.model_dir)]
     facts["converted_as"] = outtype
+    model_sha = folder_sha256(inputs.model_dir)
     with tempfile.TemporaryDirectory(prefix="byoai-gguf-", dir=inputs.out_dir.parent) as work:
-        converted = Path(work) / f"model-{outtype}.gguf"
-        convert(inputs.model_dir, converted, src, outtype)
+        converted = converted_gguf(inputs.model_dir, model_sha, outtype, src, version, inputs.out_dir.parent)
         args = []
         if imatrix:
             n_samples, seq_len = inputs.calibration_ids.shape
             if n_samples < 2:
                 raise TechniqueError("imatrix needs at least 2 calibration windows (calibration.n_samples >= 2)")
             # one importance matrix per (model content, windows, llama.cpp): every type reuses it
-            key = json_sha256({"model": folder_sha256(inputs.model_dir), "windows": inputs.calibration_ids.tolist(), "version": version})
+            key = json_sha256({"model": model_sha, "windows": inputs.calibration_ids.tolist(), "version": version})
             matrix = inputs.out_dir.parent / "gguf-imatrix" / f"{key[:24]}.gguf"
             if not matrix.is_file():
                 text = Path(work) / "calibration.txt"
@@ -152,7 +171,10 @@ def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: st
             args += ["--tensor-type-file", str(type_file)]
             facts |= chosen
         if quant_type == outtype:
-            shutil.move(converted, out)
+            try:  # the converted file is shared: a hard link where the filesystem allows it
+                os.link(converted, out)
+            except OSError:
+                shutil.copy2(converted, out)
         else:
             tool(tools, "llama-quantize", *args, str(converted), str(out), QUANT_TYPES[quant_type], threads)
     copy_tokenizer(inputs.model_dir, inputs.out_dir)
