@@ -81,11 +81,12 @@ def _run_llmcompressor(inputs: BuildInputs) -> BuildResult:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    from byoai.tasks.techniques.io import load_stage_input, saved
+    from byoai.tasks.techniques.io import load_stage_input, own_weights, saved
 
     config: AwqConfig = inputs.config
     scheme = config.weight_quant()
     model, tokenizer = load_stage_input(inputs.model_dir)
+    own_weights(model)
     layers = quantizable_layers(model, scheme)
     # AWQModifier only rescales (smooth layer <- balance layers, mappings from the architecture);
     # the QuantizationModifier after it quantizes with the scheme it was searched for.

@@ -110,10 +110,11 @@ def prune_with_llmcompressor(
     The modifier gets the exact layer names as targets, so `ignore` means the same thing here as
     in magnitude pruning and the measured facts cover exactly the layers that were pruned.
     """
-    from byoai.tasks.techniques.io import load_stage_input, saved
+    from byoai.tasks.techniques.io import load_stage_input, own_weights, saved
     from byoai.tasks.techniques.weight_quant import run_oneshot
 
     model, tokenizer = load_stage_input(inputs.model_dir)
+    own_weights(model)
     layers = prunable_layers(model, ignore)
     if mask == "2:4":
         check_n_m_fits(layers, 4)

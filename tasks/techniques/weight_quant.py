@@ -215,10 +215,11 @@ def _sparse_gptq(enabled: bool):
 
 def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate: bool) -> BuildResult:
     """Load, check layers, run llmcompressor's oneshot with one modifier, save compressed."""
-    from byoai.tasks.techniques.io import load_stage_input, saved
+    from byoai.tasks.techniques.io import load_stage_input, own_weights, saved
 
     config: WeightQuantConfig = inputs.config
     model, tokenizer = load_stage_input(inputs.model_dir)
+    own_weights(model)
     layers = quantizable_layers(model, config)
     modifier = modifier_factory(config_groups=quantization_scheme(config), ignore=list(config.ignore))
     # a pruned input stays pruned (a sparse24 -> gptq chain keeps its 2:4 mask)
