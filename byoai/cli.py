@@ -110,11 +110,14 @@ def run(
     no_register: Annotated[bool, typer.Option("--no-register", help="registered versions point at the built folders instead of copying them into the MLflow store")] = False,
 ) -> None:
     """Build, evaluate, register every variant and promote a champion per target."""
-    import contextlib
-    import os
+    from byoai.settings import environment
 
-    if no_register:
-        os.environ["BYOAI_REGISTER_COPIES"] = "false"
+    with environment(**({"BYOAI_REGISTER_COPIES": "false"} if no_register else {})):
+        _run(recipe, tracking_uri, verbose)
+
+
+def _run(recipe: Path, tracking_uri: str | None, verbose: bool) -> None:
+    import contextlib
 
     from byoai.console import Reporter, log_path, output_to, terminal_stream
     from byoai.settings import Settings

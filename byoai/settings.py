@@ -68,19 +68,28 @@ def hf_load_kwargs() -> dict:
 
 
 @contextmanager
-def remote_code_policy(allowed: bool) -> Iterator[None]:
+def environment(**values: str) -> Iterator[None]:
+    """Set these environment variables for a block, then restore what was there.
+
+    For settings that must reach worker processes (they inherit the environment) but must not
+    outlive the command that set them when it runs in-process (tests, `byoai auto` calling run).
+    """
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def remote_code_policy(allowed: bool):
     """The recipe's `trust_remote_code` for this process and the worker processes it starts.
 
     Set in the environment (not passed to each task) because the loads it governs sit deep in
     techniques and runtimes, and process-based task runners and runtime workers inherit it.
     """
-    key = "BYOAI_TRUST_REMOTE_CODE"
-    before = os.environ.get(key)
-    os.environ[key] = "true" if allowed else "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
+    return environment(BYOAI_TRUST_REMOTE_CODE="true" if allowed else "false")

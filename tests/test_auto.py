@@ -3,8 +3,6 @@ a real Optuna pruner, a real MLflow store and Prefect run."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
@@ -46,8 +44,8 @@ def test_dry_run_lists_the_candidates_and_writes_nothing(workdir):
     assert not list(workdir.glob("*.auto.yaml")) and not (workdir / ".byoai" / "mlflow.db").exists()
 
 
-def test_auto_writes_its_recipe_stops_at_the_time_budget_promotes_and_reruns_from_cache(workdir):
-    command = ["auto", "embedded", "--target", "cpu-x86", "--max-size-mb", "100", "--max-ppl-increase", "50",
+def test_auto_writes_its_recipe_prunes_at_rung_0_stops_at_the_time_budget_promotes_and_reruns_from_cache(workdir):
+    command = ["auto", "embedded", "--target", "cpu-x86", "--max-size-mb", "100", "--max-ppl-increase", "25",
                "--time-budget-min", "0.01", "--no-register"]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
@@ -64,13 +62,20 @@ def test_auto_writes_its_recipe_stops_at_the_time_budget_promotes_and_reruns_fro
     assert len(finished) == 1, {n: runs[n]["byoai.status"] for n in names}
     first = names.index(finished[0])
     assert runs[finished[0]]["byoai.rung"] == "final" and runs[finished[0]]["byoai.search"] == "auto"
+    # q2_k (about +31 % on SmolLM2) fails the 25 % gate on rung 0's two windows: measured there only
+    assert first >= 1 and runs["gguf-q2_k"]["byoai.status"] == "pruned" and runs["gguf-q2_k"]["byoai.pruned"] == "true"
+    assert runs["gguf-q2_k"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): fails the gate on these windows")
     for name in names[:first]:
         assert runs[name]["byoai.status"] == "pruned" and runs[name]["byoai.rung"] == "0", runs[name]
-        assert runs[name]["metric.size_mb"] > 100 or runs[name]["metric.ppl_delta_pct"] > 50
+        assert runs[name]["metric.size_mb"] > 100 or runs[name]["metric.ppl_delta_pct"] > 25
+    states = task_states(parent.data.tags["prefect.flow_run_id"])
+    assert "evaluate-gguf-q2_k@cpu-x86-llama_cpp-rung0" in states
+    assert not any(n.startswith("evaluate-gguf-q2_k@") and not n.endswith("rung0") for n in states), states
+    assert "pruned: pruned at rung 0" in " ".join(result.output.split())
     assert all(runs[n]["byoai.status"] == "skipped" and "auto.time_budget_min (0.01 min) reached" in runs[n]["byoai.reason"] for n in names[first + 1:])
     champion = client.get_model_version_by_alias("smollm2-135m-auto", "champion-cpu-x86")
     assert champion.tags["byoai.variant"] == finished[0]
-    assert "beats the input file" in result.output  # the embedded Q4_1 file is 98.4 MB
+    assert "beats the input file" in " ".join(result.output.split())  # the embedded Q4_1 file is 98.4 MB
 
     # the written recipe is not overwritten without --force
     before = path.read_text()
@@ -85,38 +90,6 @@ def test_auto_writes_its_recipe_stops_at_the_time_budget_promotes_and_reruns_fro
     heavy = {name: state for name, state in states.items() if name.startswith(("build", "evaluate", "prepare", "first_windows"))}
     assert len(heavy) >= 6 and set(heavy.values()) == {"Cached"}, heavy
     assert [v.version for v in versions(client, "smollm2-135m-auto")] == [champion.version]
-
-
-def test_the_pruner_drops_a_candidate_that_fails_the_gate_at_rung_0(workdir):
-    path = workdir / "pruned.yaml"
-    path.write_text(textwrap.dedent("""\
-        name: pruned
-        model: embedded
-        calibration: {source: {kind: builtin, split: train}, n_samples: 4, seq_len: 128}
-        evaluation:
-          perplexity: {source: {kind: builtin, split: test}, max_tokens: 2048, seq_len: 512}
-          latency: {prompt_tokens: 16, new_tokens: 4, warmup: 0, repeats: 1}
-        targets: [cpu-x86]
-        promotion: {gate: {max_ppl_increase_pct: 5}, objective: smallest}
-        variants:
-          - {name: gguf-q8_0, technique: gguf, params: {quant_type: q8_0}}
-          - {name: gguf-q2_k, technique: gguf, params: {quant_type: q2_k}}
-        auto: {}
-        """))
-    result = CliRunner().invoke(app, ["run", str(path), "--no-register"])
-    assert result.exit_code == 0, result.output
-    client = MlflowClient(Settings().tracking())
-    runs, parent = children(client, "pruned")
-    q2 = runs["gguf-q2_k"]
-    assert q2["byoai.status"] == "pruned" and q2["byoai.rung"] == "0" and q2["byoai.pruned"] == "true"
-    assert q2["byoai.reason"].startswith("pruned at rung 0 (2 windows): fails the gate on these windows") and q2["metric.ppl_delta_pct"] > 5
-    assert runs["gguf-q8_0"]["byoai.status"] == "finished"
-    # q2_k was measured on rung 0's two windows only: no later rung, no full evaluation, no version
-    states = task_states(parent.data.tags["prefect.flow_run_id"])
-    assert "evaluate-gguf-q2_k@cpu-x86-llama_cpp-rung0" in states
-    assert not any(name.startswith("evaluate-gguf-q2_k") and not name.endswith("rung0") for name in states), states
-    assert [v.tags["byoai.variant"] for v in versions(client, "pruned")] == ["gguf-q8_0"]
-    assert "pruned: pruned at rung 0" in " ".join(result.output.split())
 
 
 def test_rungs_grow_and_optunas_pruner_ranks_what_passes_the_gate():
