@@ -14,6 +14,7 @@ Three sources, one stream of events:
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -95,6 +96,34 @@ def advance(done: int, total: int, unit: str) -> None:
     _last_write = now
     with open(path, "a") as handle:
         handle.write(f"{done} {total} {unit}\n")
+
+
+@contextmanager
+def counting_calls(owner: type, name: str, total: int, unit: str) -> Iterator[None]:
+    """While the block runs, every return from the library's own per-unit method `owner.name`
+    (a layer of llm-compressor's sequential pipeline, a block of AutoRound) advances the count.
+
+    Wrapping the method for the call's duration is the least intrusive hook: the library's loop is
+    untouched, and nothing is written into the artifact (an llm-compressor modifier would be saved
+    into its recipe.yaml). Builds run in worker processes, so the class is patched in one process.
+    """
+    original = owner.__dict__[name]
+    wrapper = type(original) if isinstance(original, (classmethod, staticmethod)) else None
+    function = original.__func__ if wrapper else original
+    done = [0]
+
+    @functools.wraps(function)
+    def counted(*args, **kwargs):
+        result = function(*args, **kwargs)
+        done[0] += 1
+        advance(min(done[0], total), total, unit)
+        return result
+
+    setattr(owner, name, wrapper(counted) if wrapper else counted)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 @dataclass

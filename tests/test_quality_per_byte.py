@@ -4,6 +4,7 @@ qat (distillation onto llama.cpp's grid), on the GGUF-convertible tiny Llama mad
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,10 @@ def test_the_mixed_file_respects_its_budget_and_writes_the_chosen_types(gguf_ben
     assert in_llama.runtime == "llama_cpp" and in_llama.ppl > 0
 
 
-def test_autoround_writes_a_gguf_that_llama_cpp_runs(gguf_bench):
-    rounded = gguf_bench.build("autoround", {"export": "q4_0", "iters": 2, "batch_size": 2})
+def test_autoround_writes_a_gguf_that_llama_cpp_runs(gguf_bench, caplog):
+    with caplog.at_level(logging.INFO, logger="byoai"):
+        rounded = gguf_bench.build("autoround", {"export": "q4_0", "iters": 2, "batch_size": 2})
+    assert "building autoround: 2/2 layers" in caplog.text  # its blocks counted as they finish
     assert rounded.format == "gguf" and rounded.facts["library"].startswith("auto-round ")
     types = gguf_types(Path(rounded.path))
     assert types["blk.0.ffn_down.weight"] == types["blk.1.attn_q.weight"] == "q4_0"

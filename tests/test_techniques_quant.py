@@ -5,6 +5,7 @@ Fast tests use the tiny Llama; the slow ones compare quality with RTN on SmolLM2
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -63,10 +64,13 @@ def test_gptq_gptqmodel_4bit_builds_and_reloads_in_transformers(tiny_bench, symm
     assert saved == (Path(baseline.path) / "generation_config.json").read_text()
 
 
-def test_gptq_gptqmodel_8bit_checked_against_dequantized_weights(tiny_bench):
+def test_gptq_gptqmodel_8bit_checked_against_dequantized_weights(tiny_bench, caplog):
     # 2/3/8-bit: GPTQModel's own loader has no float32 kernel, so the reference is the checkpoint
     # dequantized by GPTQModel into a dense model; transformers' float32 torch kernel must match
-    artifact = tiny_bench.build("gptq", {"backend": "gptqmodel", "bits": 8, "group_size": 32, "actorder": "none"})
+    with caplog.at_level(logging.INFO, logger="byoai"):
+        artifact = tiny_bench.build("gptq", {"backend": "gptqmodel", "bits": 8, "group_size": 32, "actorder": "none"})
+    # GPTQModel's per-layer callback counted the build's layers (the console row's progress)
+    assert "building gptq: 2/2 layers" in caplog.text
     assert artifact.facts["probe_reference"] == "gptqmodel dequantized to dense float32"
     assert artifact.facts["desc_act"] is False and artifact.facts["act_group_aware"] is False
     _assert_reloads_and_runs(tiny_bench, artifact)

@@ -41,6 +41,9 @@ def output_format(config: AutoRoundConfig) -> str:
 def run(inputs: BuildInputs) -> BuildResult:
     import torch
     from auto_round import AutoRound
+    from auto_round.algorithms.composer import AlgorithmComposer
+
+    from byoai.progress import counting_calls
 
     from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
     from byoai.tasks.techniques.gguf import copy_tokenizer
@@ -64,7 +67,9 @@ def run(inputs: BuildInputs) -> BuildResult:
             low_gpu_mem_usage=inputs.device == "cuda", low_cpu_mem_usage=True, **extra,
         )
         try:
-            rounder.quantize_and_save(work, format="auto_gptq" if gptq else scheme)
+            # one compress_block per decoder block: `building 12/32 layers` in the console
+            with counting_calls(AlgorithmComposer, "compress_block", model.config.num_hidden_layers, "layers"):
+                rounder.quantize_and_save(work, format="auto_gptq" if gptq else scheme)
         except (ValueError, NotImplementedError, AssertionError) as exc:
             raise TechniqueError(f"AutoRound cannot write {config.export} for this model: {exc}") from None
         facts: dict[str, object] = {

@@ -130,9 +130,16 @@ def build(inputs: BuildInputs, source: Path, tokenizer, quantize_config, *, dtyp
     import torch
     from gptqmodel import BACKEND, GPTQModel
 
+    from byoai.progress import advance
+
     with device_thread_pool():
         with model_loading():
             quantizer = GPTQModel.load(str(source), quantize_config, device=inputs.device, dtype=dtype, **hf_load_kwargs())
+        # GPTQModel's own per-layer hook (its looper calls it as each layer is quantized, then
+        # again once the layer is finalized): `building 12/30 layers` in the console
+        layers = quantizer.model.config.num_hidden_layers
+        quantizer.layer_callback = lambda layer_idx, submodule_finalized: (
+            advance(min(layer_idx + 1, layers), layers, "layers") if submodule_finalized else None)
         # batch 1: the windows all have the same length, batching would only change peak memory
         quantizer.quantize(calibration_rows(inputs.calibration_ids), batch_size=1, backend=kernel or BACKEND.AUTO)
         quantizer.save(str(inputs.out_dir))

@@ -78,34 +78,19 @@ def calibration_dataset(calibration_ids):
 
 def run_oneshot(model, recipe: list, calibration_ids=None) -> None:
     """llmcompressor's oneshot on the calibration windows (none: data-free), counting the
-    sequential pipeline's layers as it goes (byoai.progress: `building 12/30 layers` in the console).
-
-    The count wraps llmcompressor's own per-layer callback for the call's duration; a modifier
-    would do it too, but would be written into the artifact's recipe.yaml as a step of the recipe.
-    """
+    sequential pipeline's layers as it goes (byoai.progress: `building 12/30 layers` in the console)."""
     from llmcompressor import oneshot
     from llmcompressor.core import LifecycleCallbacks
 
-    from byoai.progress import advance
-
-    layers, done = model.config.num_hidden_layers, [0]
-    original = LifecycleCallbacks.__dict__["sequential_epoch_end"]
-
-    def counted(cls, *args, **kwargs):
-        done[0] += 1
-        advance(min(done[0], layers), layers, "layers")
-        return original.__func__(cls, *args, **kwargs)
+    from byoai.progress import counting_calls
 
     kwargs = {} if calibration_ids is None else dict(
         dataset=calibration_dataset(calibration_ids),
         max_seq_length=calibration_ids.shape[1],
         num_calibration_samples=calibration_ids.shape[0],
     )
-    LifecycleCallbacks.sequential_epoch_end = classmethod(counted)
-    try:
+    with counting_calls(LifecycleCallbacks, "sequential_epoch_end", model.config.num_hidden_layers, "layers"):
         oneshot(model=model, recipe=recipe, **kwargs)
-    finally:
-        LifecycleCallbacks.sequential_epoch_end = original
 
 
 # A layer with at least this fraction of exact zeros in its input weights is treated as pruned.
