@@ -141,7 +141,7 @@ def test_qat_brings_q4_0_closer_to_the_model_than_plain_q4_0(gguf_bench):
     assert kl(qat) < 0.8 * kl(plain), (kl(qat), kl(plain))
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 def test_qat_lowers_q4_0_perplexity_in_llama_cpp_on_smollm2(smol_bench):
     """Held-out perplexity in llama.cpp: qat -> gguf q4_0 against gguf q4_0 of the same model.
     On the tiny model q4_0 costs about 0.3 % perplexity even once it is trained on the pydoc text

@@ -17,7 +17,7 @@ def test_distillation_lowers_the_loss_to_the_teacher(tiny_bench):
     assert facts["tokens_seen"] == 20 * 4 * 64
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 def test_distilled_student_beats_itself_before_distillation_on_smollm2(smol_bench):
     # Student: SmolLM2-135M with 4 of its 30 layers dropped (least important, measured on the
     # calibration windows); 16 steps x batch 2 x 256 tokens of distillation: the whole test takes

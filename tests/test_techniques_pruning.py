@@ -140,7 +140,7 @@ def test_drop_layers_angular_block(tiny_bench):
     assert len(artifact.facts["dropped_layers"]) == 1 and artifact.facts["layers_after"] == 1
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 def test_calibrated_pruning_beats_magnitude_on_smollm2(smol_bench):
     # 50 % unstructured on every decoder Linear of SmolLM2-135M; calibration 16 x 256 tokens,
     # perplexity on 2,048 tokens. Same sparsity for all three, so perplexity is comparable.

@@ -165,7 +165,7 @@ def smol_rtn_asym(smol_bench):
     return smol_bench.evaluate(smol_bench.build("rtn", {"bits": 4, "group_size": 64, "symmetric": False}))
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 @pytest.mark.parametrize("backend", ["llmcompressor", "gptqmodel"])
 def test_gptq_beats_rtn_on_smollm2(smol_bench, smol_rtn, backend):
     artifact = smol_bench.build("gptq", {"backend": backend, "bits": 4, "group_size": 64})
@@ -182,7 +182,7 @@ def smol_bench_small_calibration(smollm2, tmp_path_factory):
     return Bench(smollm2, tmp_path_factory.mktemp("smol-small"), n_samples=8, seq_len=128, eval_tokens=2048, eval_seq_len=512)
 
 
-@pytest.mark.slow
+@pytest.mark.quality
 def test_awq_llmcompressor_beats_rtn_on_smollm2(smol_bench_small_calibration, smol_rtn_asym):
     # 8 x 128 calibration tokens (~4 min here with 16 x 256); evaluated on the same 2,048 tokens
     # as smol_rtn_asym
