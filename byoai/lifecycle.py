@@ -24,6 +24,8 @@ from pathlib import Path
 import psutil
 
 PID_FILE = "prefect-server.pid"
+# How long byoai waits for Prefect's temporary server to answer (see temporary_prefect_server).
+STARTUP_TIMEOUT_S = 120
 
 
 class Terminated(BaseException):
@@ -65,7 +67,7 @@ def stop_stale_server(home: Path) -> str | None:
 def temporary_prefect_server(home: Path) -> Iterator[None]:
     """Prefect's temporary server for this run, started by byoai so that byoai can stop it: at the
     end of the run, and (from the pid file) at the next start if this process dies first."""
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     if PREFECT_API_URL.value():  # a real server: nothing temporary to look after
         yield
@@ -74,7 +76,10 @@ def temporary_prefect_server(home: Path) -> Iterator[None]:
 
     stop_stale_server(home)
     server = SubprocessASGIServer()  # the instance Prefect's own clients will find running
-    server.start()
+    # A fresh Prefect home migrates its database before the server answers: on a busy 2-core
+    # worker that took longer than Prefect's 20 s default ("Timed out while attempting to connect
+    # to ephemeral Prefect API server"), so byoai waits up to STARTUP_TIMEOUT_S unless told longer.
+    server.start(timeout=max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), STARTUP_TIMEOUT_S))
     home.mkdir(parents=True, exist_ok=True)
     process = server.server_process
     (home / PID_FILE).write_text(json.dumps({
