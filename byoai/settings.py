@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -86,7 +86,7 @@ def environment(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def remote_code_policy(allowed: bool):
+def remote_code_policy(allowed: bool) -> AbstractContextManager[None]:
     """The recipe's `trust_remote_code` for this process and the worker processes it starts.
 
     Set in the environment (not passed to each task) because the loads it governs sit deep in

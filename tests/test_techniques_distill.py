@@ -1,4 +1,5 @@
-"""Distillation: the student moves toward the teacher, and on SmolLM2 it recovers perplexity."""
+"""Distillation: the student moves toward the teacher, and on SmolLM2 it recovers perplexity (a
+`quality` test: pytest -m quality)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """gptq and awq with each backend (llmcompressor, gptqmodel): builds, reload checks, facts, errors.
 
-Fast tests use the tiny Llama; the slow ones compare quality with RTN on SmolLM2-135M.
+Fast tests use the tiny Llama; the `quality` ones (not in CI: pytest -m quality) compare quality
+with RTN on SmolLM2-135M.
 """
 
 from __future__ import annotations

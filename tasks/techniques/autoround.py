@@ -44,7 +44,6 @@ def run(inputs: BuildInputs) -> BuildResult:
     from auto_round.algorithms.composer import AlgorithmComposer
 
     from byoai.progress import counting_calls
-
     from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
     from byoai.tasks.techniques.gguf import copy_tokenizer
     from byoai.tasks.techniques.io import load_stage_input
