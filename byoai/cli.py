@@ -399,6 +399,35 @@ def runs(
 
 
 @app.command()
+def serve(
+    name: Annotated[str, typer.Argument(help="the registered model (a recipe's name)")],
+    target: Annotated[str | None, typer.Option("--target", help="serve champion-TARGET (default: the first champion whose device this machine has)")] = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option("--port", help="port (default: a free one)")] = None,
+    tracking_uri: TrackingUri = None,
+    detach: Annotated[bool, typer.Option("--detach", help="run in the background; stop it with byoai serve --stop NAME")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="stop NAME's detached server")] = False,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="serve without an API key (loopback host only)")] = False,
+) -> None:
+    """Serve a champion with llama-server behind an OpenAI-compatible API (key: BYOAI_SERVE_API_KEY)."""
+    from byoai.serve import ServeError, serve_champion, stop_served
+    from byoai.settings import Settings
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False, soft_wrap=True)
+
+    try:
+        if stop:
+            code = stop_served(name, say)
+        else:
+            code = serve_champion(Settings().tracking(tracking_uri), name, target, host, port, detach, no_auth, say)
+    except ServeError as exc:
+        err.print(f"[bold red]cannot serve:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+@app.command()
 def champions(name: str, tracking_uri: TrackingUri = None) -> None:
     """Show the champion-<target> aliases of a registered model and their metrics."""
     from mlflow.exceptions import MlflowException

@@ -24,13 +24,14 @@ from rich.live import Live
 from rich.table import Table
 
 from byoai import progress
+from byoai.settings import Settings
 
 _DONE = {"done", "failed", "skipped", "pruned"}
 
 
 def log_path(home: Path, name: str) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = home / "logs" / f"{name}-{stamp}.log"
+    path = Settings(home=home).logs_dir() / f"{name}-{stamp}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -118,6 +118,7 @@ class Windows:
     eval_seq_len: int
     latency_context: int  # the longest context the latency profile builds (all batches side by side)
     max_batch: int
+    serving_context: int = 0  # a server's KV cache: slots x (prompt + new tokens); 0 without serving
 
 
 @dataclass(frozen=True)

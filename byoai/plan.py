@@ -56,6 +56,7 @@ def windows_of(recipe: Recipe) -> Windows:
         eval_seq_len=recipe.evaluation.perplexity.seq_len,
         latency_context=max(max([latency.prompt_tokens, *latency.prompt_lengths]), batches * (latency.prompt_tokens + latency.new_tokens)),
         max_batch=batches,
+        serving_context=max(serving.users) * serving.slot_context if (serving := recipe.evaluation.serving) else 0,
     )
 
 

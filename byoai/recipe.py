@@ -222,9 +222,44 @@ class LatencySpec(_Strict):
         return self
 
 
+class ServingSpec(_Strict):
+    """How every GGUF candidate serves concurrent streaming users (tasks.serving): llama-server with
+    one slot per user of the largest level, driven closed-loop at each `users` level; each user
+    sends `requests_per_user` requests one after another. Prompts are `prompt_tokens` of the
+    evaluation text, the first `shared_prefix_tokens` of them the same in every request (what the
+    server's prompt cache can reuse)."""
+
+    users: tuple[int, ...] = (1, 4, 8)
+    requests_per_user: int = Field(default=4, ge=1, le=1000)
+    prompt_tokens: int = Field(default=128, ge=1, le=32768)
+    new_tokens: int = Field(default=64, ge=1, le=32768)
+    shared_prefix_tokens: int = Field(default=0, ge=0)
+    stream: bool = True
+
+    @field_validator("users")
+    @classmethod
+    def _levels(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(n < 1 or n > 256 for n in value) or list(value) != sorted(set(value)):
+            raise ValueError("give concurrency levels from 1 to 256 in increasing order, each once, e.g. [1, 4, 8]")
+        return value
+
+    @model_validator(mode="after")
+    def _prefix_within_prompt(self) -> ServingSpec:
+        if self.shared_prefix_tokens > self.prompt_tokens:
+            raise ValueError(f"shared_prefix_tokens ({self.shared_prefix_tokens}) must be at most prompt_tokens ({self.prompt_tokens})")
+        return self
+
+    @property
+    def slot_context(self) -> int:
+        """Tokens one slot holds: its prompt and what it generates."""
+        return self.prompt_tokens + self.new_tokens
+
+
 class EvaluationSpec(_Strict):
     perplexity: PerplexitySpec
     latency: LatencySpec = LatencySpec()
+    # Concurrent streaming users served by llama-server (GGUF candidates); None: not measured.
+    serving: ServingSpec | None = None
     # Task accuracy with lm-eval on the loaded artifact: shipped offline tasks (recipes/lm_eval)
     # or any lm-eval task name whose data is reachable (the hub or a datasets cache).
     tasks: LmEvalSpec | None = None
@@ -465,13 +500,30 @@ class ExecutionSpec(_Strict):
     address: str | None = None
 
 
+class SloSpec(_Strict):
+    """A serving gate beside the quality gate: at `users` concurrent streaming users (a level of
+    evaluation.serving), the 95th percentiles of time to first token and inter-token latency."""
+
+    users: int = Field(default=8, ge=1)
+    p95_ttft_ms: float = Field(default=800.0, gt=0)
+    p95_itl_ms: float = Field(default=80.0, gt=0)
+
+
 class PromotionSpec(_Strict):
     gate: GateSpec = GateSpec()
-    # Among variants that pass the gate: smallest on disk, fastest decode, or lowest perplexity.
-    objective: Literal["smallest", "fastest", "best_quality"] = "smallest"
+    # Among variants that pass the gate: smallest on disk, fastest decode, lowest perplexity, or
+    # (capacity) the most concurrent users served within the SLO's percentiles.
+    objective: Literal["smallest", "fastest", "best_quality", "capacity"] = "smallest"
     # Budgets: a variant outside them is not eligible (e.g. best quality within 200 MB).
     max_size_mb: float | None = Field(default=None, gt=0)
     min_decode_tok_s: float | None = Field(default=None, gt=0)
+    slo: SloSpec | None = None
+
+    @model_validator(mode="after")
+    def _capacity_needs_slo(self) -> PromotionSpec:
+        if self.objective == "capacity" and self.slo is None:
+            raise ValueError("objective capacity ranks by the serving SLO: give promotion.slo (users, p95_ttft_ms, p95_itl_ms)")
+        return self
 
 
 class RungSpec(_Strict):
@@ -562,7 +614,19 @@ class Recipe(_Strict):
             searched = [v.name for v in self.auto_candidates() if v.search is not None]
             if searched:
                 raise ValueError(f"auto.candidates: {searched} have their own search; a candidate of auto is one fixed variant")
+        self._slo_is_measured()
         return self
+
+    def _slo_is_measured(self) -> None:
+        slo, serving = self.promotion.slo, self.evaluation.serving
+        if slo is None:
+            return
+        if serving is None:
+            raise ValueError("promotion.slo: add evaluation.serving (e.g. {users: [1, 4, 8]}): the SLO is checked on its measurements")
+        if slo.users not in serving.users:
+            raise ValueError(f"promotion.slo.users: {slo.users} is not a level of evaluation.serving.users {list(serving.users)}; add it there")
+        if self.promotion.objective == "capacity" and (self.auto is not None or any(v.search for v in self.variants)):
+            raise ValueError("promotion.objective: capacity ranks served candidates; searches (auto, a variant's search) rank by smallest, fastest or best_quality")
 
     def auto_candidates(self) -> list[VariantSpec]:
         """The variants the auto search measures rung by rung, in their search order."""

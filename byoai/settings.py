@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     def data_dir(self) -> Path:
         return self.resolved_home() / "data"
 
+    def logs_dir(self) -> Path:
+        return self.resolved_home() / "logs"
+
     def results_dir(self) -> Path:
         return self.resolved_home() / "prefect-results"
 

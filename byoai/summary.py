@@ -31,11 +31,13 @@ class ResultRow(BaseModel):
     reason: str = ""
     # a technique's own prediction of its loss (gguf_mixed: summed per-tensor KL), beside the measured ppl
     predicted_loss: float | None = None
+    # served to concurrent users (tasks.serving.ServingMetrics.flat): serving.u<N>.<metric>
+    serving: dict[str, float] = {}
 
     @classmethod
     def measured(
         cls, variant: str, technique: str, target: str, metrics, ppl_delta_pct: float, version: str | None, run_id: str,
-        note: str = "", predicted_loss: float | None = None,
+        note: str = "", predicted_loss: float | None = None, serving: dict[str, float] | None = None,
     ) -> ResultRow:
         """The row of a finished measurement (tasks.evaluate.Metrics)."""
         return cls(
@@ -44,7 +46,7 @@ class ResultRow(BaseModel):
             load_s=metrics.load_s, prefill_ms=metrics.prefill_ms, decode_tok_s=metrics.decode_tok_s,
             task_scores={task: score["value"] for task, score in metrics.tasks.items()},
             profile=metrics.profile, device=metrics.device, version=version, run_id=run_id, reason=note,
-            predicted_loss=predicted_loss,
+            predicted_loss=predicted_loss, serving=serving or {},
         )
 
 

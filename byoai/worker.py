@@ -1,7 +1,8 @@
 """The handlers a worker process runs (byoai.isolation forks workers from a server that has imported
 this module, so torch and transformers are imported once): `build` runs one technique
 (tasks.build.run_technique), `measure` one artifact in its runtime (tasks.runtimes.measure_request),
-`materialize` a GGUF model into a folder (tasks.model.materialize_gguf).
+`materialize` a GGUF model into a folder (tasks.model.materialize_gguf), `serve` one artifact
+served to concurrent users (tasks.serving.measure_serving).
 """
 
 from __future__ import annotations
@@ -33,4 +34,10 @@ def _materialize(request: str):
     materialize_gguf(Path(args["gguf"]), Path(args["out"]), args["dtype"])
 
 
-HANDLERS = {"build": _build, "measure": _measure, "materialize": _materialize}
+def _serve(request: str):
+    from byoai.tasks.serving import ServeRequest, measure_serving
+
+    return measure_serving(ServeRequest.model_validate_json(request))
+
+
+HANDLERS = {"build": _build, "measure": _measure, "materialize": _materialize, "serve": _serve}

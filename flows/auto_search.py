@@ -104,7 +104,7 @@ class AutoSearch:
                     self.record_pruned(candidate, target, runtime, rung, metrics, delta, why)
         if not alive:
             return
-        evaluations = [(candidate, t, runtime, built, self.loop.evaluate(built[-1], t, runtime, build, candidate.name)) for t, runtime, build in alive]
+        evaluations = [(candidate, t, runtime, built, self.loop.evaluate_candidate(built[-1], t, runtime, build, candidate.name)) for t, runtime, build in alive]
         note = f"auto: kept through {len(self.rungs)} rung(s)"
         recorded = self.loop.record_variant(candidate, evaluations, {"byoai.search": SEARCH_TAG, "byoai.rung": "final"}, note)
         for (_, target, runtime, *_), result in zip(evaluations, recorded, strict=True):

@@ -30,10 +30,11 @@ from byoai.tasks.lm_eval_tasks import fingerprint
 from byoai.tasks.model import ModelRef, resolve_model
 from byoai.tasks.promote import Candidate
 from byoai.tasks.runtime_build import build_runtime
-from byoai.tasks.runtimes import runtimes_for
+from byoai.tasks.runtimes import RUNTIMES, runtimes_for
+from byoai.tasks.serving import ServingMetrics, serve_in_runtime
 from byoai.tasks.search import Search
 from byoai.flows.auto_search import AutoSearch
-from byoai.tasks.tracking import RunRef, log_input_run, log_memory_plan, log_unbuilt_run, log_variant_run, register_variant
+from byoai.tasks.tracking import RunRef, log_input_run, log_memory_plan, log_serving, log_unbuilt_run, log_variant_run, register_variant
 
 class TargetOutcome(BaseModel):
     """Rows of the run summary and promotion candidates per target, filled in as they are recorded."""
@@ -91,6 +92,7 @@ class Loop:
     reference_builds: dict[str, tuple[Any, str]] = field(default_factory=dict)  # target -> (its artifact future, runtime)
     builds: dict[tuple, tuple[str, Any]] = field(default_factory=dict)  # stage prefix -> (task run name, future): shared prefixes
     runtime_builds: dict[tuple[str, str], Any] = field(default_factory=dict)  # (target, runtime) -> future
+    served: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (variant, target, runtime) -> serving future
 
     def skip_or_fail(self, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None, runtime: str = "") -> None:
         self.outcome.unbuilt(self.parent, variant, target, status, reason, text, runtime)
@@ -134,6 +136,34 @@ class Loop:
             _, windows, latency = rung
             return evaluation.submit(artifact, target, runtime, build, windows, latency or self.recipe.evaluation.latency, perplexity_only=latency is None)
         return evaluation.submit(artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args)
+
+    def evaluate_candidate(self, artifact, target: TargetProfile, runtime: str, build, name: str):
+        """A candidate's full evaluation and, with a serving profile and a runtime that serves,
+        its serving measurement once the evaluation is done (never both at once: they would
+        share the cores)."""
+        evaluation = self.evaluate(artifact, target, runtime, build, name)
+        serving = self.recipe.evaluation.serving
+        if serving is not None and RUNTIMES[runtime].server_command is not None:
+            task_name = f"serve-{name}@{target.name}-{runtime}"
+            progress.stands_for(task_name, name, target.name, runtime)
+            self.served[name, target.name, runtime] = _heavy(serve_in_runtime, task_name, target.device).submit(
+                artifact, target, runtime, build, self.perplexity_tokens, serving, wait_for=[evaluation],
+            )
+        return evaluation
+
+    def served_metrics(self, name: str, target: TargetProfile, runtime: str) -> tuple[ServingMetrics | None, str]:
+        """(its serving measurement, "") or (None, why there is none); ("", "") without a profile."""
+        if self.recipe.evaluation.serving is None:
+            return None, ""
+        future = self.served.get((name, target.name, runtime))
+        if future is None:
+            return None, f"no serving runtime ({runtime} has no server)"
+        future.wait()
+        if future.state.is_failed():
+            message, text = error_text(future.state)
+            get_run_logger().warning("serving %s@%s in %s failed: %s", name, target.name, runtime, text)
+            return None, f"serving failed: {message}"
+        return future.result(), ""
 
     def runnable(self, variant: VariantSpec) -> list[TargetProfile]:
         """Targets this variant can run on; the others are recorded as skipped, with why."""
@@ -194,7 +224,7 @@ class Loop:
         if built is None:
             return []
         return [
-            (variant, target, runtime, built, self.evaluate(built[-1], target, runtime, build, variant.name))
+            (variant, target, runtime, built, self.evaluate_candidate(built[-1], target, runtime, build, variant.name))
             for target in runnable
             for runtime, build in self.measurable(variant, target, built[-1].format)
         ]
@@ -211,7 +241,7 @@ class Loop:
         for *_, future in evaluations:
             future.wait()
         measured = [
-            Measured(target.name, runtime, future.result(), self.reference[target.name])
+            Measured(target.name, runtime, future.result(), self.reference[target.name], self.served_metrics(variant.name, target, runtime)[0])
             for _, target, runtime, _, future in evaluations if not future.state.is_failed()
         ]
         card = model_card(self.recipe, variant, evaluations[0][3], measured, self.model) if measured else ""
@@ -225,15 +255,19 @@ class Loop:
             return None
         metrics, reference = future.result(), self.reference[target.name]
         build = self.runtime_build(target, runtime).result()
+        served, no_serving = self.served_metrics(variant.name, target, runtime)
         progress.emit("registering", variant.name, target.name, runtime)
         run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, build, tags or {}, self.planned_peak(variant.name, target.name))
+        log_serving(self.parent, run_id, served, no_serving)
         description = version_description(variant, Measured(target.name, runtime, metrics, reference), build.key)
         version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build, card, description)
-        candidate = Candidate.measured(variant.name, version.version, metrics, reference)
+        candidate = Candidate.measured(variant.name, version.version, metrics, reference, served, no_serving)
         self.outcome.candidates.setdefault(target.name, []).append(candidate)
+        if no_serving.startswith("serving failed"):
+            note = "; ".join(filter(None, [note, no_serving]))
         self.outcome.results.append(ResultRow.measured(
             variant.name, variant.technique, target.name, metrics, candidate.ppl_delta_pct, version.version, run_id, note,
-            built[-1].facts.get("predicted_kl"),
+            built[-1].facts.get("predicted_kl"), served.flat() if served else {},
         ))
         progress.emit("done", variant.name, target.name, runtime, measured_line(metrics, candidate.ppl_delta_pct))
         return candidate

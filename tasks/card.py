@@ -41,6 +41,7 @@ class Measured:
     runtime: str
     metrics: Metrics
     reference: Metrics
+    served: Any = None  # tasks.serving.ServingMetrics when the recipe had a serving profile
 
 
 def base_model_id(recipe: Recipe) -> str | None:
@@ -131,7 +132,9 @@ def how_to_run(name: str, artifact: Artifact) -> list[str]:
     if artifact.format == "gguf":
         return download + [
             "Serve it with llama.cpp (an OpenAI-compatible server on port 8080), or chat in the terminal:", "",
-            "```bash", f"llama-server -m {name}/model.gguf --port 8080", f'llama-cli -m {name}/model.gguf -p "Hello"', "```",
+            "```bash", f"llama-server -m {name}/model.gguf --port 8080", f'llama-cli -m {name}/model.gguf -p "Hello"', "```", "",
+            "Or let byoai serve its champion behind an API key, with the llama.cpp build and flags it was measured with:", "",
+            "```bash", f"BYOAI_SERVE_API_KEY=... byoai serve {name} --target TARGET", "```",
         ]
     if artifact.format == "onnx":
         return download + [
@@ -163,6 +166,12 @@ def metrics_table(measured: list[Measured]) -> list[str]:
             f"{m.reference.ppl:.3f} (base model in {m.reference.runtime}) | {m.metrics.size_mb:.1f} | {m.metrics.decode_tok_s:.1f} | "
             f"{m.metrics.prefill_ms:.1f} | {m.metrics.profile.get('peak_mem_mb', 0.0):.0f} |"
         )
+    served = [m for m in measured if m.served is not None]
+    if served:
+        lines += ["", "Served by llama-server to concurrent streaming users (p95 latencies, output tokens/s of all users):", "",
+                  "| target | users | TTFT p95 ms | inter-token p95 ms | tok/s |", "|---|---|---|---|---|"]
+        lines += [f"| {m.target} | {level.users} | {level.ttft_ms_p95:.0f} | {level.itl_ms_p95:.1f} | {level.tok_s:.1f} |"
+                  for m in served for level in m.served.levels]
     scored = [m for m in measured if m.metrics.tasks]
     if scored:
         lines += ["", "| target | runtime | lm-eval task | metric | score | base model |", "|---|---|---|---|---|---|"]

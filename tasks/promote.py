@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict
 
 from byoai.log import step_logger
-from byoai.recipe import PromotionSpec
+from byoai.recipe import PromotionSpec, SloSpec
 from byoai.tasks.evaluate import Metrics, ppl_delta_pct
 from byoai.tasks.card import promotion_text, with_promotion
 from byoai.tasks.lm_eval_tasks import recovery
@@ -30,9 +30,13 @@ class Candidate(BaseModel):
     decode_tok_s: float
     # lm-eval task -> variant score / base model score (empty without evaluation.tasks)
     task_recovery: dict[str, float] = {}
+    # served to concurrent users: str(users) -> {ttft_ms_p95, itl_ms_p95, tok_s} (tasks.serving);
+    # empty when not served, and then `serving_note` says why (e.g. "no serving runtime")
+    serving: dict[str, dict[str, float]] = {}
+    serving_note: str = ""
 
     @classmethod
-    def measured(cls, variant: str, version: str, metrics: Metrics, reference: Metrics) -> Candidate:
+    def measured(cls, variant: str, version: str, metrics: Metrics, reference: Metrics, served=None, serving_note: str = "") -> Candidate:
         return cls(
             variant=variant,
             version=version,
@@ -43,7 +47,37 @@ class Candidate(BaseModel):
             size_mb=metrics.size_mb,
             decode_tok_s=metrics.decode_tok_s,
             task_recovery=recovery(metrics.tasks, reference.tasks),
+            serving={str(level.users): {k: getattr(level, k) for k in SERVING_KEYS} for level in served.levels} if served else {},
+            serving_note=serving_note,
         )
+
+
+SERVING_KEYS = ("ttft_ms_p95", "itl_ms_p95", "tok_s")
+
+
+def slo_misses(level: dict[str, float] | None, slo: SloSpec) -> str | None:
+    """How one level misses the SLO's percentiles, or None when it meets them."""
+    if level is None:
+        return "not measured"
+    misses = [f"p95 {name} {level[key]:.0f} ms > {limit:g} ms"
+              for name, key, limit in (("TTFT", "ttft_ms_p95", slo.p95_ttft_ms), ("ITL", "itl_ms_p95", slo.p95_itl_ms)) if level[key] > limit]
+    return ", ".join(misses) or None
+
+
+def served_users(c: Candidate, slo: SloSpec) -> int:
+    """Capacity: the most concurrent users at which the candidate meets the SLO's percentiles
+    (0: at no level, not served, or an earlier champion measured without a serving profile)."""
+    return max((int(users) for users, level in c.serving.items() if slo_misses(level, slo) is None), default=0)
+
+
+def slo_text(c: Candidate, slo: SloSpec) -> str:
+    """One line for the report and promotion.json: up to how many users the SLO holds."""
+    if not c.serving:
+        return c.serving_note or "no serving metrics (capacity 0)"
+    users = served_users(c, slo)
+    at = slo_misses(c.serving.get(str(slo.users)), slo)
+    head = f"meets the SLO up to {users} users" if users else "meets the SLO at no level"
+    return head + (f"; at {slo.users} users: {at}" if at else "")
 
 
 # A version tag: the MLflow parent run that made this version its target's champion.
@@ -54,18 +88,37 @@ def alias_for(target: str) -> str:
     return f"champion-{target}"
 
 
-# Objective -> sort key; smaller is better. Perplexity breaks ties, then the name (stable order).
-_OBJECTIVES = {
-    "smallest": lambda c: (round(c.size_mb, 3), c.ppl, c.variant),
-    "fastest": lambda c: (-round(c.decode_tok_s, 3), c.ppl, c.variant),
-    "best_quality": lambda c: (c.ppl, round(c.size_mb, 3), c.variant),
-}
-_OBJECTIVE_METRIC = {"smallest": "size_mb", "fastest": "decode_tok_s", "best_quality": "ppl"}
+def _top_level_tok_s(c: Candidate, users: int) -> float:
+    return (c.serving.get(str(users)) or {}).get("tok_s", 0.0)
 
 
-def objective_key(objective: str):
-    """Sort key of candidates under an objective: the best first."""
-    return _OBJECTIVES[objective]
+def objective_key(promotion: PromotionSpec):
+    """Sort key of candidates under the promotion's objective, smaller is better; perplexity
+    breaks ties, then the name (a stable order). capacity: the most users within the SLO, ties
+    to the higher total throughput at that level."""
+    if promotion.objective == "smallest":
+        return lambda c: (round(c.size_mb, 3), c.ppl, c.variant)
+    if promotion.objective == "fastest":
+        return lambda c: (-round(c.decode_tok_s, 3), c.ppl, c.variant)
+    if promotion.objective == "best_quality":
+        return lambda c: (c.ppl, round(c.size_mb, 3), c.variant)
+    slo = promotion.slo
+    return lambda c: (-served_users(c, slo), -round(_top_level_tok_s(c, served_users(c, slo)), 3), c.ppl, c.variant)
+
+
+def objective_metric(promotion: PromotionSpec) -> str:
+    return {"smallest": "size_mb", "fastest": "decode_tok_s", "best_quality": "ppl", "capacity": "users within the SLO"}[promotion.objective]
+
+
+def objective_value(c: Candidate, promotion: PromotionSpec) -> float:
+    """The candidate's value of the objective's metric (capacity: users within the SLO)."""
+    if promotion.objective == "capacity":
+        return served_users(c, promotion.slo)
+    return getattr(c, objective_metric(promotion))
+
+
+def _shown(value: float) -> str:
+    return f"{value:.3f}".rstrip("0").rstrip(".") if float(value).is_integer() else f"{value:.3f}"
 
 
 def pareto_front(candidates: list[Candidate]) -> set[str]:
@@ -93,13 +146,23 @@ def rejection(c: Candidate, promotion: PromotionSpec) -> str | None:
         return f"over budget: {c.size_mb:.1f} MB > max_size_mb {promotion.max_size_mb:g}"
     if promotion.min_decode_tok_s is not None and c.decode_tok_s < promotion.min_decode_tok_s:
         return f"under budget: {c.decode_tok_s:.1f} tok/s < min_decode_tok_s {promotion.min_decode_tok_s:g}"
+    slo = promotion.slo
+    if slo is not None:
+        if not c.serving:
+            return f"slo failed: {c.serving_note or 'no serving metrics'}"
+        if (misses := slo_misses(c.serving.get(str(slo.users)), slo)) is not None:
+            return f"slo failed at {slo.users} users: {misses}"
     return None
 
 
 def decide(candidates: list[Candidate], champion: Candidate | None, promotion: PromotionSpec) -> tuple[str | None, list[dict[str, Any]]]:
     """Pure decision: (version to alias or None to keep, one explained row per candidate)."""
-    key = _OBJECTIVES[promotion.objective]
-    metric = _OBJECTIVE_METRIC[promotion.objective]
+    key = objective_key(promotion)
+    metric = objective_metric(promotion)
+
+    def value(c: Candidate) -> str:
+        return _shown(objective_value(c, promotion))
+
     front = pareto_front(candidates)
     passing = sorted((c for c in candidates if rejection(c, promotion) is None), key=key)
     best = passing[0] if passing else None
@@ -110,15 +173,11 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
     elif best.version == champion.version:
         winner, verdict = None, "already champion"
     elif key(best)[0] < key(champion)[0]:
-        winner, verdict = best.version, (
-            f"beats champion v{champion.version} on {metric}: "
-            f"{getattr(best, metric):.3f} vs {getattr(champion, metric):.3f}"
-        )
+        winner, verdict = best.version, f"beats champion v{champion.version} on {metric}: {value(best)} vs {value(champion)}"
     else:
-        winner, verdict = None, (
-            f"does not beat champion v{champion.version} on {metric} "
-            f"({getattr(best, metric):.3f} vs {getattr(champion, metric):.3f}); champion kept"
-        )
+        winner, verdict = None, f"does not beat champion v{champion.version} on {metric} ({value(best)} vs {value(champion)}); champion kept"
+    if champion is not None and winner is not None and promotion.objective == "capacity" and not champion.serving:
+        verdict += " (the champion has no serving metrics: capacity 0)"
     rows = []
     for c in sorted(candidates, key=key):
         rejected = rejection(c, promotion)
@@ -128,7 +187,7 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
         elif c is best:
             why = verdict
         else:
-            why = f"passes the gate; {metric} {getattr(c, metric):.3f} worse than {best.variant}"
+            why = f"passes the gate; {metric} {value(c)} worse than {best.variant}"
         rows.append({
             "variant": c.variant,
             "runtime": c.runtime,
@@ -143,21 +202,22 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
             "pareto": c.version in front,
             "champion": c.version == (winner or (champion.version if champion else None)),
             "reason": why,
+            **({"slo": slo_text(c, promotion.slo), "slo_users": served_users(c, promotion.slo)} if promotion.slo else {}),
         })
     return winner, rows
 
 
 def input_verdict(given: Candidate, champion: Candidate | None, target: str, promotion: PromotionSpec) -> str:
     """One line: does champion-<target> beat the recipe's input file on the objective, and by how much."""
-    metric = _OBJECTIVE_METRIC[promotion.objective]
-    ours = getattr(given, metric)
+    metric, ours = objective_metric(promotion), objective_value(given, promotion)
     if champion is None:
-        return f"the input file is still best: no candidate passes the gate and budgets (the input's {metric} {ours:.3f})"
-    theirs = getattr(champion, metric)
+        return f"the input file is still best: no candidate passes the gate and budgets (the input's {metric} {_shown(ours)})"
+    theirs = objective_value(champion, promotion)
     name = f"champion-{target} ({champion.variant})"
-    if _OBJECTIVES[promotion.objective](champion)[0] < _OBJECTIVES[promotion.objective](given)[0]:
-        return f"{name} beats the input file on {metric}: {theirs:.3f} vs {ours:.3f} ({(theirs - ours) / ours * 100:+.1f} %), ppl {champion.ppl_delta_pct:+.2f} % vs {given.ppl_delta_pct:+.2f} %"
-    return f"the input file is still best: {name} has {metric} {theirs:.3f}, the input {ours:.3f}"
+    if objective_key(promotion)(champion)[0] < objective_key(promotion)(given)[0]:
+        change = f" ({(theirs - ours) / ours * 100:+.1f} %)" if ours else ""
+        return f"{name} beats the input file on {metric}: {_shown(theirs)} vs {_shown(ours)}{change}, ppl {champion.ppl_delta_pct:+.2f} % vs {given.ppl_delta_pct:+.2f} %"
+    return f"the input file is still best: {name} has {metric} {_shown(theirs)}, the input {_shown(ours)}"
 
 
 def _current_champion(mlflow, name: str, target: str) -> Candidate | None:
@@ -168,7 +228,13 @@ def _current_champion(mlflow, name: str, target: str) -> Candidate | None:
     except MlflowException:
         return None
     metrics = mlflow.get_run(evaluation_run_id(version)).data.metrics
+    serving: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():  # serving.u<N>.<metric>, when it was served
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "serving" and parts[1][1:].isdigit() and parts[2] in SERVING_KEYS:
+            serving.setdefault(parts[1][1:], {})[parts[2]] = value
     return Candidate(
+        serving={users: level for users, level in serving.items() if len(level) == len(SERVING_KEYS)},
         variant=version.tags.get(f"{TAG}variant", "?"),
         version=str(version.version),
         runtime=version.tags.get(f"{TAG}runtime", "transformers"),

@@ -26,8 +26,62 @@ _DECISION_COLUMNS = [
     ("target", "target", None), ("variant", "variant", None), ("runtime", "runtime", None), ("version", "version", None),
     ("ppl_delta_pct", "Δppl %", "+.2f"), ("reference", "vs reference in", None), ("size_mb", "size MB", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
     ("min_task_recovery", "task recovery", ".3f"), ("gate", "gate", None), ("pareto", "Pareto", None),
-    ("champion", "champion", None), ("reason", "why", None),
+    ("champion", "champion", None), ("slo", "serving SLO", None), ("reason", "why", None),
 ]
+_SERVING_COLUMNS = [
+    ("variant", "variant", None), ("runtime", "runtime", None), ("users", "users", None), ("ttft_ms_p50", "TTFT p50 ms", ".0f"),
+    ("ttft_ms_p95", "TTFT p95 ms", ".0f"), ("itl_ms_p50", "ITL p50 ms", ".1f"), ("itl_ms_p95", "ITL p95 ms", ".1f"),
+    ("tok_s", "tok/s", ".1f"), ("tok_s_per_user", "tok/s per user", ".1f"), ("requests_per_s", "req/s", ".2f"),
+    ("cache_hit_share", "prompt cache hit", ".2f"), ("server_cpu_s", "server CPU s", ".1f"), ("client_cpu_s", "client CPU s", ".1f"),
+]
+
+
+def _decision_columns(decisions: list[dict[str, Any]]):
+    """The selection table's columns; the serving SLO only where the recipe set one."""
+    slo = any(d.get("slo") for d in decisions)
+    return [c for c in _DECISION_COLUMNS if c[0] != "slo" or slo]
+
+
+def serving_rows(results: list[dict[str, Any]], target: str) -> list[dict[str, Any]]:
+    """One row per served candidate x users level (from the rows' serving.u<N>.<metric>)."""
+    rows = []
+    for r in results:
+        if r["target"] != target or not r.get("serving"):
+            continue
+        levels: dict[int, dict[str, Any]] = {}
+        for key, value in r["serving"].items():
+            _, level, metric = key.split(".", 2)
+            levels.setdefault(int(level[1:]), {"variant": r["variant"], "runtime": r.get("runtime", ""), "users": int(level[1:])})[metric] = value
+        rows += [levels[u] for u in sorted(levels)]
+    return rows
+
+
+def serving_plot(results: list[dict[str, Any]], target: str, path: Path) -> Path | None:
+    """Throughput and p95 latencies against concurrent users, one line per served candidate."""
+    rows = serving_rows(results, target)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == variant]
+        users = [r["users"] for r in mine]
+        left.plot(users, [r["tok_s"] for r in mine], "o-", label=variant)
+        right.plot(users, [r["ttft_ms_p95"] for r in mine], "o-", label=f"{variant} TTFT")
+        right.plot(users, [r["itl_ms_p95"] for r in mine], "s--", label=f"{variant} ITL")
+    left.set(xlabel="concurrent users", ylabel="output tokens/s (all users)", title=f"{target}: throughput")
+    right.set(xlabel="concurrent users", ylabel="p95 latency (ms)", yscale="log", title=f"{target}: p95 TTFT and inter-token latency")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _result_columns(results: list[dict[str, Any]]):
@@ -97,6 +151,10 @@ def profile_tables(results: list[dict[str, Any]]) -> list[tuple[str, str, list[d
     return tables
 
 
+def _plot_title(file: str) -> str:
+    return "serving: throughput and p95 latencies against users" if file.startswith("serving-") else "Pareto front"
+
+
 def champions_line(decisions: list[dict[str, Any]]) -> str:
     """Per target: its champion and why, then whether it beats the recipe's input file (when that is a GGUF)."""
     chosen = {d["target"]: d for d in decisions if d.get("champion")}
@@ -110,27 +168,36 @@ def champions_line(decisions: list[dict[str, Any]]) -> str:
 
 
 def render_markdown(name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]], plots: list[str] = ()) -> str:
-    images = "".join(f"\n![Pareto front]({p})\n" for p in plots)
+    images = "".join(f"\n![{_plot_title(p)}]({p})\n" for p in plots)
     profiles = "".join(
         f"### {target}\n\n{device}\n\n{_markdown_table(rows, columns)}\n" for target, device, rows, columns in profile_tables(results)
     )
+    serving = "".join(
+        f"### {target}\n\n{_markdown_table(rows, _SERVING_COLUMNS)}\n"
+        for target in dict.fromkeys(r["target"] for r in results) if (rows := serving_rows(results, target))
+    )
     return (
         f"# byoai report: {name}\n\n## Variants x targets\n\n{_markdown_table(results, _result_columns(results))}\n"
-        f"## Selection\n\n{_markdown_table(decisions, _DECISION_COLUMNS)}\n{champions_line(decisions)}\n{images}"
+        f"## Selection\n\n{_markdown_table(decisions, _decision_columns(decisions))}\n{champions_line(decisions)}\n{images}"
         + (f"\n## Performance profile (median [min–max])\n\n{profiles}" if profiles else "")
+        + (f"\n## Served to concurrent streaming users (llama-server)\n\n{serving}" if serving else "")
     )
 
 
 def render_html(name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]], plots: list[str] = ()) -> str:
-    images = "".join(f'<img src="{html.escape(p)}" alt="Pareto front" width="640">' for p in plots)
+    images = "".join(f'<img src="{html.escape(p)}" alt="{_plot_title(p)}" width="640">' for p in plots)
     style = "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>byoai report: {html.escape(name)}</title><style>{style}</style></head>"
         f"<body><h1>byoai report: {html.escape(name)}</h1><h2>Variants x targets</h2>{_html_table(results, _result_columns(results))}"
-        f"<h2>Selection</h2>{_html_table(decisions, _DECISION_COLUMNS)}<p>{html.escape(champions_line(decisions))}</p>{images}"
+        f"<h2>Selection</h2>{_html_table(decisions, _decision_columns(decisions))}<p>{html.escape(champions_line(decisions))}</p>{images}"
         + "".join(
             f"<h2>Performance profile: {html.escape(target)} (median [min–max])</h2><p>{html.escape(device)}</p>{_html_table(rows, columns)}"
             for target, device, rows, columns in profile_tables(results)
+        )
+        + "".join(
+            f"<h2>Served to concurrent streaming users: {html.escape(target)}</h2>{_html_table(rows, _SERVING_COLUMNS)}"
+            for target in dict.fromkeys(r["target"] for r in results) if (rows := serving_rows(results, target))
         )
         + "</body></html>"
     )
@@ -169,9 +236,11 @@ def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path, result
 
 
 def write_report(name: str, results: list[dict[str, Any]], decisions: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """report.md, report.html and pareto-<target>.png into out_dir."""
+    """report.md, report.html, pareto-<target>.png and (when served) serving-<target>.png into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = [pareto_plot(decisions, t, out_dir / f"pareto-{t}.png", results).name for t in sorted({d["target"] for d in decisions})]
+    targets = sorted({d["target"] for d in decisions})
+    plots = [pareto_plot(decisions, t, out_dir / f"pareto-{t}.png", results).name for t in targets]
+    plots += [plot.name for t in targets if (plot := serving_plot(results, t, out_dir / f"serving-{t}.png"))]
     (out_dir / "report.md").write_text(render_markdown(name, results, decisions, plots))
     (out_dir / "report.html").write_text(render_html(name, results, decisions, plots))
     return [out_dir / "report.md", out_dir / "report.html", *(out_dir / p for p in plots)]

@@ -164,7 +164,7 @@ class RungSearch:
         if rejection(candidate, self.promotion) is not None:
             self.study.tell(trial, WORST)
             return
-        if self.best is None or objective_key(self.promotion.objective)(candidate) < objective_key(self.promotion.objective)(self.best):
+        if self.best is None or objective_key(self.promotion)(candidate) < objective_key(self.promotion)(self.best):
             self.best = candidate
         metric = _METRIC_OF_OBJECTIVE[self.promotion.objective]
         value = getattr(candidate, metric)

@@ -159,6 +159,7 @@ def _runtime_params(build: RuntimeBuild) -> dict[str, Any]:
         "runtime": build.runtime, "runtime.build": build.key, "runtime.version": build.version,
         "runtime.flags": " ".join(build.flags), "runtime.compiler": build.compiler,
         "runtime.build_s": build.build_s, "runtime.system_info": build.system_info,
+        **({"runtime.server_version": build.server_version} if build.server_version else {}),
     }
 
 
@@ -271,6 +272,36 @@ def _ensure_registered_model(mlflow, name: str) -> None:
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def log_serving(parent: RunRef, run_id: str, served, why_not: str) -> None:
+    """A candidate's serving measurement (tasks.serving.ServingMetrics) in its child run: per level
+    serving.u<N>.<metric>, the same metrics stepped by users (MLflow plots them against users),
+    the server's flags and each level's /metrics snapshot; or, with a serving profile and no
+    measurement, why not (tag byoai.serving)."""
+    import json
+
+    from mlflow.entities import Metric, Param
+
+    if served is None and not why_not:
+        return
+    mlflow = client(parent.tracking_uri)
+    if served is None:
+        mlflow.set_tag(run_id, f"{TAG}serving", why_not[:5000])
+        return
+    now = int(time.time() * 1000)
+    stepped = [
+        Metric(f"serving.{name}", float(getattr(level, name)), now, level.users)
+        for level in served.levels for name in ("ttft_ms_p95", "itl_ms_p95", "tok_s", "requests_per_s")
+    ]
+    mlflow.log_batch(
+        run_id, metrics=[Metric(k, v, now, 0) for k, v in served.flat().items()] + stepped,
+        params=[Param("serving.slots", str(served.slots)), Param("serving.slot_context", str(served.slot_context)),
+                Param("serving.server_args", " ".join(served.args)[:6000])],
+        tags=[],
+    )
+    mlflow.set_tag(run_id, f"{TAG}serving", "measured")
+    mlflow.log_text(run_id, json.dumps(served.model_dump(), indent=1), "serving/levels.json")
+
+
 def register_variant(
     parent: RunRef,
     recipe_name: str,

@@ -34,6 +34,8 @@ class RuntimeBuild(BaseModel):
     compiler: str = ""
     system_info: str = ""
     build_s: float = 0.0
+    # `llama-server --version` of a build that has the server (what tasks.serving runs)
+    server_version: str = ""
     # Features of the CPU a native build was compiled for; a native build never runs on another.
     native_cpu: str | None = None
 
@@ -121,3 +123,8 @@ class Runtime:
     # The environment of the worker process that measures with a build (every runtime measures in
     # a process of its own; a compiled runtime puts its build first on PYTHONPATH).
     worker_env: Callable[[RuntimeBuild], dict[str, str]] = lambda build: inherited_env()
+    # A runtime that serves its artifacts over an OpenAI-compatible HTTP API (tasks.serving):
+    # (build, tasks.serving.ServerSpec) -> (argv without host, port and key; its environment), and
+    # the artifact's file it serves. None: no serving runtime.
+    server_command: Callable[[RuntimeBuild, Any], tuple[list[str], dict[str, str]]] | None = None
+    served_file: str = ""

@@ -2,10 +2,10 @@
 
 The recompile: a target profile gives the CMake flags (`runtimes: {llama_cpp: {cmake_args:
 [-DGGML_NATIVE=ON]}}`); `build` compiles llama-cpp-python from its sdist with them, once per
-(version, flags, compiler, and the CPU's features when the build is native), into
-BYOAI_CACHE_DIR/runtimes/, never a prebuilt binary. The same build also compiles llama.cpp's own
-`llama-quantize`, `llama-imatrix` and `llama-bench` from the vendored source (the `gguf` stage
-uses them). A native build records the CPU it was compiled for and is never run on another.
+(version, flags, the fixed flags below, compiler, and the CPU's features when the build is
+native), into BYOAI_CACHE_DIR/runtimes/, never a prebuilt binary. The same build also compiles
+llama.cpp's own `llama-quantize`, `llama-imatrix` and `llama-bench` (the `gguf` stage uses them)
+and `llama-server` (tasks.serving measures and `byoai serve` runs it) from the vendored source. A native build records the CPU it was compiled for and is never run on another.
 
 Measurements run in a worker process with that build first on sys.path (byoai.worker),
 through llama.cpp's C API: the same token ids as every runtime, batched decode of several
@@ -37,13 +37,17 @@ from byoai.tasks.runtimes.base import MeasureRequest, Runtime, RuntimeBuild, Run
 PACKAGE = "llama-cpp-python"
 DEFAULT_VERSION = "0.3.36"
 GGUF_FILE = "model.gguf"
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench")
+SERVER = "llama-server"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench", SERVER)
 _MARKER = ".byoai-runtime.json"
-# Always added: the tools the gguf stage needs, nothing that downloads (the server's web UI) or
-# that byoai does not use (llava, examples, tests).
+# Always added: the tools the gguf stage and serving need, nothing that downloads (the server's
+# web UI: LLAMA_USE_PREBUILT_UI fetches it from the Hugging Face hub at build time, LLAMA_BUILD_UI
+# runs npm) or that byoai does not use (llava, examples, tests). Part of the build's key: a
+# build made with other fixed flags (one without the server) is rebuilt, not reused.
 _FIXED_ARGS = (
-    "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
+    "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_OPENSSL=OFF",
 )
 # CMake ISA switch -> the /proc/cpuinfo flag a CPU needs to run what it compiles
 _ISA_FLAGS = {
@@ -175,7 +179,7 @@ def source(version: str, cache_dir: Path) -> Path:
 
 
 def build_dir(config: LlamaCppConfig, cache_dir: Path) -> Path:
-    key = json_sha256({"version": config.version, "cmake_args": config.cmake_args, "host": host_key(config)})
+    key = json_sha256({"version": config.version, "cmake_args": config.cmake_args, "fixed": _FIXED_ARGS, "host": host_key(config)})
     return cache_dir / "runtimes" / f"llama_cpp-{config.version}-{key[:16]}"
 
 
@@ -223,9 +227,14 @@ def build(config: LlamaCppConfig, cache_dir: Path) -> RuntimeBuild:
                 [sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
                 capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(tmp / "site")}, check=True,
             ).stdout.strip()
+            server = subprocess.run(
+                [str(tmp / "bin" / SERVER), "--version"], capture_output=True, text=True, timeout=60,
+                env=os.environ | {"LD_LIBRARY_PATH": str(tmp / "bin")},
+            )
             record = RuntimeBuild(
                 runtime="llama_cpp", key=folder.name, path=str(folder), version=config.version, flags=flags,
                 compiler=compiler(), system_info=info, build_s=round(build_s, 1),
+                server_version=" ".join((server.stdout + server.stderr).split())[:300],
                 native_cpu=json_sha256(sorted(cpu_flags()))[:16] if config.native else None,
             )
             (tmp / _MARKER).write_text(record.model_dump_json(indent=2))
@@ -246,14 +255,17 @@ def check_runs_here(build: RuntimeBuild) -> None:
         )
 
 
+def tool_env(build: RuntimeBuild) -> dict[str, str]:
+    """The environment a tool of the build runs in: the build's shared libraries found first."""
+    bin_dir = Path(build.path) / "bin"
+    return os.environ | {"LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(bin_dir), os.environ.get("LD_LIBRARY_PATH")]))}
+
+
 def tool(build: RuntimeBuild, name: str, *args: str, timeout: float | None = None) -> str:
     """Run one of llama.cpp's tools from the build; return its output, raise with it on failure."""
     check_runs_here(build)
     bin_dir = Path(build.path) / "bin"
-    result = subprocess.run(
-        [str(bin_dir / name), *args], capture_output=True, text=True, timeout=timeout,
-        env=os.environ | {"LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(bin_dir), os.environ.get("LD_LIBRARY_PATH")]))},
-    )
+    result = subprocess.run([str(bin_dir / name), *args], capture_output=True, text=True, timeout=timeout, env=tool_env(build))
     if result.returncode != 0:
         raise RuntimeError(f"{name} {' '.join(args)} failed ({result.returncode}):\n{(result.stdout + result.stderr)[-3000:]}")
     return result.stdout + result.stderr
@@ -421,13 +433,15 @@ def gguf_facts(path: Path) -> dict[str, object]:
 
 def footprint(ctx, artifact_bytes: int):
     """The file memory-mapped (its pages resident once read), the KV cache and logits of the
-    perplexity context (logits_all), and the latency profile's context."""
+    perplexity context (logits_all), and the latency profile's context; with a serving profile,
+    llama-server's slots (one process after the other: the larger context counts)."""
     from byoai.memory import Footprint
 
     w = ctx.windows
-    context = max(w.eval_seq_len, w.latency_context)
+    context = max(w.eval_seq_len, w.latency_context, w.serving_context)
     buffers = context * ctx.shape.kv_bytes_per_token + w.eval_seq_len * ctx.shape.vocab * 4 * 2
-    why = f"the GGUF file memory-mapped ({artifact_bytes / 1e9:.1f} GB), KV cache and logits of {context} tokens"
+    held = "llama-server's slots" if w.serving_context > max(w.eval_seq_len, w.latency_context) else "the measurement"
+    why = f"the GGUF file memory-mapped ({artifact_bytes / 1e9:.1f} GB), KV cache and logits of {context} tokens ({held})"
     if ctx.device == "cpu":
         return Footprint(host=WORKER_BYTES + artifact_bytes + buffers, why=why)
     return Footprint(host=WORKER_BYTES + w.eval_seq_len * ctx.shape.vocab * 4 * 2, device=artifact_bytes + buffers, why=why)
@@ -435,6 +449,19 @@ def footprint(ctx, artifact_bytes: int):
 
 # the measuring worker before it maps a model: Python, the bindings, tokenizers
 WORKER_BYTES = int(0.45e9)
+
+
+def server_command(build: RuntimeBuild, spec) -> tuple[list[str], dict[str, str]]:
+    """llama-server on one GGUF (tasks.serving.ServerSpec): continuous batching over one slot per
+    user, each slot's context its prompt plus its new tokens (-c is shared among the slots),
+    prompt caching, Prometheus /metrics, no web UI."""
+    check_runs_here(build)
+    argv = [
+        str(Path(build.path) / "bin" / SERVER), "-m", str(spec.model), "-t", str(spec.threads), "-tb", str(spec.threads),
+        "-np", str(spec.slots), "-c", str(spec.slots * spec.slot_context), "-ngl", "999" if spec.device == "cuda" else "0",
+        "--metrics", "--no-webui", "--cache-prompt", *spec.extra_args,
+    ]
+    return argv, tool_env(build)
 
 
 RUNTIME = Runtime(
@@ -448,4 +475,6 @@ RUNTIME = Runtime(
     open_session=LlamaCppSession,
     worker_env=python_env,
     footprint=footprint,
+    server_command=server_command,
+    served_file=GGUF_FILE,
 )
