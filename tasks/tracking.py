@@ -302,6 +302,7 @@ def log_serving(parent: RunRef, run_id: str, served, why_not: str) -> None:
     mlflow.log_text(run_id, json.dumps(served.model_dump(), indent=1), "serving/levels.json")
 
 
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_variant(
     parent: RunRef,
     recipe_name: str,
