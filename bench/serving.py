@@ -11,17 +11,17 @@ prints, from that one run:
   - each candidate's throughput at the most users over its 1-user throughput (the number to
     reach: q8_0 at 8 users >= 2x its 1-user throughput);
   - the SLO the recipe states, and which candidate `capacity` promotes under it;
-  - speculative decoding: each served candidate as main model with every candidate at least 2x
-    smaller as draft, and with llama.cpp's n-gram lookup: acceptance, the server's 1-user decode
-    speed-up, and whether the greedy output is identical token by token (tasks.serving.measure_pair).
-    The number to reach: a pair at >= 1.2x the main model's 1-user decode with identical output.
+  - speculative decoding, the recipe's `speculative` pairs (every served candidate as main model
+    with every candidate at least 2x smaller as draft, and with llama.cpp's n-gram lookup):
+    acceptance, the server's 1-user decode speed-up, whether the greedy output is identical token
+    by token, and whether the pair was registered. The number to reach: a pair at >= 1.2x the
+    main model's 1-user decode with identical output.
 Its numbers land in bench/results/serving/<recipe name>.json (not in quick mode).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -68,19 +68,21 @@ def main(recipe_path: str, record: bool = True) -> int:
         print(f"  {d['variant']} [{d['runtime']}]: {d.get('slo', '')}; {'CHAMPION ' if d['champion'] else ''}{d['reason']}")
     for d in (d for d in summary.decisions if d["champion"]):
         print(f"champion-{d['target']}: {d['variant']} in {d['runtime']} (v{d['version']}): {d['reason']}")
-    pairs = speculative_pairs(recipe, summary, served)
+    pairs = [r for r in summary.results if "speculative.speedup" in r.profile]
     if pairs:
         print(f"\nspeculative decoding, 1 user, greedy, {serving.prompt_tokens}-token prompts, {serving.new_tokens} new tokens "
               "(the server's own decode speed; output compared token by token with the main model alone):\n")
-        print("| main | draft | draft / main size | n_max | acceptance | main tok/s | with draft tok/s | speed-up | TTFT ms main / with | identical output |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for main, pair in pairs:
-            print(f"| {main} | {pair.draft} | {pair.draft_size_ratio:.2f} | {pair.n_max} | {pair.acceptance:.2f} ({pair.accepted}/{pair.drafted}) | "
-                  f"{pair.main_tok_s:.1f} | {pair.pair_tok_s:.1f} | {pair.speedup:.2f}x | {pair.main_ttft_ms:.0f} / {pair.pair_ttft_ms:.0f} | "
-                  f"{'yes' if pair.identical else 'NO: ' + pair.first_difference} |")
-        best = max((pair for _, pair in pairs if pair.identical), key=lambda pair: pair.speedup, default=None)
-        checks.append((f"best lossless pair: {(best.draft + ' ' + format(best.speedup, '.2f') + 'x') if best else 'none'} "
-                       "the main model's 1-user decode (>= 1.2)", best is not None and best.speedup >= 1.2))
+        print("| main | draft | draft / main size | n_max | acceptance | main tok/s | with draft tok/s | speed-up | TTFT ms main / with | identical output | registered |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in pairs:
+            p = {k.removeprefix("speculative."): v for k, v in r.profile.items() if k.startswith("speculative.")}
+            main, _, draft = r.variant.partition("-spec-")
+            print(f"| {main} | {draft} | {p['draft_size_ratio']:.2f} | {p['n_max']:.0f} | {p['acceptance']:.2f} ({p['accepted']:.0f}/{p['drafted']:.0f}) | "
+                  f"{p['main_tok_s']:.1f} | {p['pair_tok_s']:.1f} | {p['speedup']:.2f}x | {p['main_ttft_ms']:.0f} / {p['pair_ttft_ms']:.0f} | "
+                  f"{'yes' if p['identical'] else 'NO'} | {'v' + r.version if r.version else r.reason.removeprefix('not registered: ').split(' (')[0]} |")
+        best = max((r for r in pairs if r.profile["speculative.identical"]), key=lambda r: r.profile["speculative.speedup"], default=None)
+        speedup = best.profile["speculative.speedup"] if best else 0.0
+        checks.append((f"best lossless pair: {best.variant if best else 'none'} at {speedup:.2f}x its main model's 1-user decode (>= 1.2)", speedup >= 1.2))
     for text, ok in checks:
         print(("PASS " if ok else "MISS ") + text)
     if not record:
@@ -92,40 +94,9 @@ def main(recipe_path: str, record: bool = True) -> int:
         "serving": serving.model_dump(), "slo": slo.model_dump() if slo else None,
         "candidates": [{"variant": r.variant, "size_mb": r.size_mb, "ppl_delta_pct": r.ppl_delta_pct, "serving": r.serving} for r in served],
         "decisions": summary.decisions,
-        "pairs": [{"main": main, **pair.model_dump()} for main, pair in pairs],
+        "pairs": [{"pair": r.variant, "version": r.version, "reason": r.reason, **r.profile} for r in pairs],
     }, indent=1))
     return 0
-
-
-def speculative_pairs(recipe, summary, served) -> list:
-    """Each served GGUF candidate as main model with every candidate at least 2x smaller as its
-    draft, and with llama.cpp's n-gram speculation (no draft model): tasks.serving.measure_pair."""
-    import mlflow
-
-    from byoai.recipe import EmbeddedModel
-    from byoai.settings import Settings
-    from byoai.tasks.data import load_windows
-    from byoai.tasks.runtime_build import build_runtime
-    from byoai.tasks.serving import measure_pair, prompts_for
-
-    serving = recipe.evaluation.serving
-    target = recipe.targets[0]
-    build = build_runtime.fn("llama_cpp", target.runtimes["llama_cpp"], str(Settings().cache_dir))
-    mlflow.set_tracking_uri(summary.tracking_uri)
-    files = {r.variant: Path(mlflow.artifacts.download_artifacts(f"models:/{recipe.name}/{r.version}")) / "model.gguf" for r in served}
-    windows = next(Settings().data_dir().rglob("perplexity-*.safetensors"), None)
-    stream = [int(t) for t in load_windows(str(windows)).flatten().tolist()]
-    prompts = prompts_for(stream, serving, serving.requests_per_user, seed=0)
-    log = Settings().logs_dir() / "servers" / "bench-pairs.log"
-    pairs = []
-    for main in (r for r in served if r.variant in files):
-        drafts = [d.variant for d in served if d.size_mb <= main.size_mb / 2]
-        for draft in [*drafts, None]:
-            pairs.append((main.variant, measure_pair(
-                "llama_cpp", build, files[main.variant], files[draft] if draft else None, draft or "ngram-simple", prompts,
-                serving.new_tokens, target.threads or os.cpu_count() or 1, n_max=8, p_min=0.5, log_path=log,
-            )))
-    return pairs
 
 
 if __name__ == "__main__":

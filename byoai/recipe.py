@@ -383,6 +383,28 @@ class SearchSpec(_Strict):
     seed: int = 0
 
 
+class SpeculativeSpec(_Strict):
+    """Speculative decoding in llama-server, paired from the recipe's own GGUF variants: each pair
+    (main model x draft) is measured at 1 user and under the serving profile, its greedy output
+    checked token by token against the main model alone, and a pair that is faster and identical
+    is registered as its own version (draft.gguf beside model.gguf)."""
+
+    # Variant names (GGUF variants of this recipe) or paths to .gguf files; `auto`: the recipe's
+    # GGUF variants at least 2x smaller than the main model.
+    drafts: Literal["auto"] | tuple[str, ...] = "auto"
+    ngram: bool = True  # also llama.cpp's n-gram speculation (no draft model)
+    n_max: int = Field(default=16, ge=1, le=64)  # tokens drafted per step at most
+    p_min: float = Field(default=0.75, ge=0, le=1)  # a draft token's minimum probability
+
+    @field_validator("drafts")
+    @classmethod
+    def _absolute_files(cls, value, info: ValidationInfo):
+        """A .gguf draft's path, relative to the recipe's folder, made absolute."""
+        if value == "auto":
+            return value
+        return tuple(str(_resolve_path(Path(d), info)) if d.endswith(".gguf") else d for d in value)
+
+
 class VariantSpec(_Strict):
     """A variant is a chain of stages, each stage's output the next one's input.
 
@@ -393,6 +415,9 @@ class VariantSpec(_Strict):
     name: Name
     stages: tuple[StageSpec, ...]
     search: SearchSpec | None = None
+    # This variant (a GGUF) as the main model of speculative pairs; the recipe-wide
+    # `speculative` pairs every GGUF variant.
+    speculative: SpeculativeSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -440,6 +465,11 @@ class VariantSpec(_Strict):
             if output != "hf":
                 raise ValueError(f"[{i}]: {stage.technique} writes {output}, which no later stage can read: put it last")
         return value
+
+    @property
+    def output_format(self) -> str:
+        stage = self.stages[-1]
+        return TECHNIQUES[stage.technique].output_of(stage.params)
 
     @property
     def technique(self) -> str:
@@ -572,6 +602,7 @@ class Recipe(_Strict):
     schedule: ScheduleSpec | None = None
     execution: ExecutionSpec = ExecutionSpec()
     auto: AutoSpec | None = None
+    speculative: SpeculativeSpec | None = None  # every GGUF variant as a main model (docs/serving.md)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -616,6 +647,50 @@ class Recipe(_Strict):
                 raise ValueError(f"auto.candidates: {searched} have their own search; a candidate of auto is one fixed variant")
         self._slo_is_measured()
         return self
+
+    @model_validator(mode="after")
+    def _speculation_is_pairable(self) -> Recipe:
+        specs = [("speculative", self.speculative)] + [(f"variants[{i}].speculative", v.speculative) for i, v in enumerate(self.variants)]
+        specs = [(where, spec) for where, spec in specs if spec is not None]
+        if not specs:
+            return self
+        if self.evaluation.serving is None:
+            raise ValueError(f"{specs[0][0]}: add evaluation.serving: pairs are measured and compared under the serving profile")
+        gguf = {v.name for v in self.variants if v.output_format == "gguf"}
+        for i, v in enumerate(self.variants):
+            if v.speculative is not None and v.name not in gguf:
+                raise ValueError(f"variants[{i}].speculative: {v.name} writes {v.output_format}; only a GGUF variant can be a main model of llama-server")
+        for where, spec in specs:
+            for draft in () if spec.drafts == "auto" else spec.drafts:
+                if draft.endswith(".gguf"):
+                    self._check_draft_file(Path(draft), where)
+                elif draft not in gguf:
+                    raise ValueError(f"{where}.drafts: '{draft}' is neither a GGUF variant of this recipe ({', '.join(sorted(gguf)) or 'none'}) nor a .gguf file")
+        return self
+
+    def _check_draft_file(self, path: Path, where: str) -> None:
+        """A draft file must be a GGUF with the base model's vocabulary (when the model is here)."""
+        from byoai.vocabulary import folder_tokens, gguf_tokens, mismatch
+
+        if not path.is_file():
+            raise ValueError(f"{where}.drafts: {path} does not exist")
+        try:
+            draft = gguf_tokens(path)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{where}.drafts: {path} is not a GGUF file with a tokenizer ({exc})") from None
+        match self.model:
+            case LocalModel(path=folder) if (folder / "tokenizer.json").is_file():
+                model = folder_tokens(folder)
+            case GgufModel(path=file):
+                model = gguf_tokens(file)
+            case EmbeddedModel():
+                from byoai.tasks.model import embedded_gguf
+
+                model = gguf_tokens(embedded_gguf())
+            case _:
+                return  # a hub model is not here yet: its vocabulary is checked when pairs are made
+        if (why := mismatch(draft, model)) is not None:
+            raise ValueError(f"{where}.drafts: {path} has another vocabulary than the model ({why}); a draft must propose the main model's token ids")
 
     def _slo_is_measured(self) -> None:
         slo, serving = self.promotion.slo, self.evaluation.serving

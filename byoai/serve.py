@@ -4,7 +4,8 @@ It resolves `champion-<target>` in the registry (the MLflow server, or the local
 downloads that version, and runs llama-server from this machine's build of the runtime the
 version was measured in: the same llama-cpp-python version and CMake flags, compiled here if
 this machine has no build yet. The server gets the flags the serving measurement used (slots,
-context per slot) and the target's threads. The API key comes from BYOAI_SERVE_API_KEY.
+context per slot), the target's threads, and a speculative pair's draft and flags. The API key
+comes from BYOAI_SERVE_API_KEY.
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ def runtime_build(champion: Champion):
     return build(config, Settings().cache_dir.expanduser().resolve())
 
 
+def draft_flags(folder: Path) -> tuple[str, ...]:
+    """A speculative pair's server flags (server-args.json), its draft file made absolute; () otherwise."""
+    args_file = folder / "server-args.json"
+    if not args_file.is_file():
+        return ()
+    return tuple(str(folder / "draft.gguf") if arg == "draft.gguf" else arg for arg in json.loads(args_file.read_text())["args"])
+
+
 def threads_of(target: str) -> int:
     from byoai.recipe import available_targets, load_target
 
@@ -141,7 +150,7 @@ def serve_champion(tracking_uri: str, name: str, target: str | None, host: str, 
         model=folder / "model.gguf", threads=threads_of(champion.target),
         slots=int(champion.params.get("serving.slots", DEFAULT_SLOTS)),
         slot_context=int(champion.params.get("serving.slot_context", DEFAULT_SLOT_CONTEXT)),
-        device="cuda" if "-DGGML_CUDA=ON" in build.flags else "cpu",
+        device="cuda" if "-DGGML_CUDA=ON" in build.flags else "cpu", extra_args=draft_flags(folder),
     )
     log = Settings().logs_dir() / "servers" / f"serve-{name}.log"
     server = start_server("llama_cpp", build, spec, api_key, log, host=host, port=port, detach=detach)
@@ -149,7 +158,8 @@ def serve_champion(tracking_uri: str, name: str, target: str | None, host: str, 
               "started": _start_time(server.process.pid)}
     existing.parent.mkdir(parents=True, exist_ok=True)
     existing.write_text(json.dumps(record))
-    say(f"serving {name} v{champion.version} (champion-{champion.target}) at {server.url}/v1 "
+    drafted = " with its draft (speculative decoding)" if spec.extra_args else ""
+    say(f"serving {name} v{champion.version} (champion-{champion.target}){drafted} at {server.url}/v1 "
         f"({spec.slots} slots x {spec.slot_context} tokens, {spec.threads} threads; log {log})")
     auth = f' -H "Authorization: Bearer ${API_KEY_ENV}"' if api_key else ""
     say(f"try: curl {server.url}/v1/completions{auth} -H 'Content-Type: application/json' -d '{{\"prompt\": \"def fib(n):\", \"max_tokens\": 32}}'")

@@ -2,7 +2,8 @@
 this module, so torch and transformers are imported once): `build` runs one technique
 (tasks.build.run_technique), `measure` one artifact in its runtime (tasks.runtimes.measure_request),
 `materialize` a GGUF model into a folder (tasks.model.materialize_gguf), `serve` one artifact
-served to concurrent users (tasks.serving.measure_serving).
+served to concurrent users (tasks.serving.measure_serving), `speculate` a main model with a draft
+(tasks.serving.measure_speculation).
 """
 
 from __future__ import annotations
@@ -40,4 +41,10 @@ def _serve(request: str):
     return measure_serving(ServeRequest.model_validate_json(request))
 
 
-HANDLERS = {"build": _build, "measure": _measure, "materialize": _materialize, "serve": _serve}
+def _speculate(request: str):
+    from byoai.tasks.serving import ServeRequest, measure_speculation
+
+    return measure_speculation(ServeRequest.model_validate_json(request))
+
+
+HANDLERS = {"build": _build, "measure": _measure, "materialize": _materialize, "serve": _serve, "speculate": _speculate}

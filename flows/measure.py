@@ -31,10 +31,10 @@ from byoai.tasks.model import ModelRef, resolve_model
 from byoai.tasks.promote import Candidate
 from byoai.tasks.runtime_build import build_runtime
 from byoai.tasks.runtimes import RUNTIMES, runtimes_for
-from byoai.tasks.serving import ServingMetrics, serve_in_runtime
+from byoai.tasks.serving import ServingMetrics, serve_in_runtime, speculate_in_runtime
 from byoai.tasks.search import Search
 from byoai.flows.auto_search import AutoSearch
-from byoai.tasks.tracking import RunRef, log_input_run, log_memory_plan, log_serving, log_unbuilt_run, log_variant_run, register_variant
+from byoai.tasks.tracking import RunRef, log_input_run, log_memory_plan, log_serving, log_unbuilt_run, log_variant_run, register_variant, tag_version
 
 class TargetOutcome(BaseModel):
     """Rows of the run summary and promotion candidates per target, filled in as they are recorded."""
@@ -50,11 +50,14 @@ class TargetOutcome(BaseModel):
             self.candidates.setdefault(target, []).extend(candidates)
         self.inputs |= other.inputs
 
-    def unbuilt(self, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None, runtime: str = "") -> None:
-        """Record a variant x target (x runtime) that produced nothing: its MLflow child run and its row."""
+    def unbuilt(self, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None,
+                runtime: str = "", profile: dict[str, float] | None = None) -> None:
+        """Record a variant x target (x runtime) that produced nothing: its MLflow child run and its
+        row (with what was measured of it, e.g. a speculative pair's numbers, in `profile`)."""
         log_unbuilt_run(parent, variant, target, status, reason, text, runtime)
         progress.emit(status, variant.name, target.name, runtime, reason)
-        self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, runtime=runtime, status=status, reason=reason))
+        self.results.append(ResultRow(variant=variant.name, technique=variant.technique, target=target.name, runtime=runtime, status=status,
+                                      reason=reason, profile=profile or {}))
 
 
 def measured_line(metrics, ppl_delta_pct: float) -> str:
@@ -93,6 +96,8 @@ class Loop:
     builds: dict[tuple, tuple[str, Any]] = field(default_factory=dict)  # stage prefix -> (task run name, future): shared prefixes
     runtime_builds: dict[tuple[str, str], Any] = field(default_factory=dict)  # (target, runtime) -> future
     served: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (variant, target, runtime) -> serving future
+    artifacts: dict[str, Any] = field(default_factory=dict)  # variant -> its built artifact (once recorded)
+    measured: dict[tuple[str, str, str], Any] = field(default_factory=dict)  # (variant, target, runtime) -> Metrics
 
     def skip_or_fail(self, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None, runtime: str = "") -> None:
         self.outcome.unbuilt(self.parent, variant, target, status, reason, text, runtime)
@@ -139,15 +144,15 @@ class Loop:
 
     def evaluate_candidate(self, artifact, target: TargetProfile, runtime: str, build, name: str):
         """A candidate's full evaluation and, with a serving profile and a runtime that serves,
-        its serving measurement once the evaluation is done (never both at once: they would
-        share the cores)."""
+        its serving measurement, submitted right after it: with one heavy step at a time (the
+        default) the task runner starts them in that order, so they never share the cores."""
         evaluation = self.evaluate(artifact, target, runtime, build, name)
         serving = self.recipe.evaluation.serving
         if serving is not None and RUNTIMES[runtime].server_command is not None:
             task_name = f"serve-{name}@{target.name}-{runtime}"
             progress.stands_for(task_name, name, target.name, runtime)
             self.served[name, target.name, runtime] = _heavy(serve_in_runtime, task_name, target.device).submit(
-                artifact, target, runtime, build, self.perplexity_tokens, serving, wait_for=[evaluation],
+                artifact, target, runtime, build, self.perplexity_tokens, serving,
             )
         return evaluation
 
@@ -256,6 +261,8 @@ class Loop:
         metrics, reference = future.result(), self.reference[target.name]
         build = self.runtime_build(target, runtime).result()
         served, no_serving = self.served_metrics(variant.name, target, runtime)
+        self.artifacts[variant.name] = built[-1]
+        self.measured[variant.name, target.name, runtime] = metrics
         progress.emit("registering", variant.name, target.name, runtime)
         run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, build, tags or {}, self.planned_peak(variant.name, target.name))
         log_serving(self.parent, run_id, served, no_serving)
@@ -333,6 +340,116 @@ class Loop:
                 break
 
 
+    def run_speculative(self) -> None:
+        """Speculative pairs from the recipe's own GGUF variants (docs/serving.md), one after
+        another once every variant is recorded; each is recorded, and registered when it decodes
+        faster than its main model alone with the same greedy output."""
+        serving = self.recipe.evaluation.serving
+        pairs = []
+        for target in (t for t in self.targets if serving is not None and "llama_cpp" in t.runtimes):
+            served = {c.variant: c for c in self.outcome.candidates.get(target.name, []) if c.runtime == "llama_cpp" and c.serving}
+            for variant in self.recipe.variants:
+                spec = variant.speculative or self.recipe.speculative
+                if spec is None or variant.name not in served:
+                    continue
+                build = self.runtime_build(target, "llama_cpp").result()
+                for name, file, sha in self.drafts_for(served[variant.name], served, spec):
+                    task_name = f"speculate-{variant.name}-{name}@{target.name}"
+                    progress.stands_for(task_name, f"{variant.name}-spec-{name}", target.name, "llama_cpp")
+                    progress.emit("waiting", f"{variant.name}-spec-{name}", target.name, "llama_cpp")
+                    future = _heavy(speculate_in_runtime, task_name, target.device).submit(
+                        self.artifacts[variant.name], file, sha, name, target, "llama_cpp", build, self.perplexity_tokens, serving, spec,
+                    )
+                    pairs.append((variant, name, file, target, build, future))
+        for pair in pairs:
+            self.record_pair(*pair)
+
+    def drafts_for(self, main, served: dict, spec) -> list[tuple[str, str, str]]:
+        """(name, GGUF file or "" for n-gram, content sha) of the drafts to pair with `main`."""
+        from byoai.files import file_sha256
+
+        def of(name: str) -> tuple[str, str, str]:
+            artifact = self.artifacts[name]
+            return name, str(Path(artifact.path) / RUNTIMES["llama_cpp"].served_file), artifact.sha
+
+        if spec.drafts == "auto":
+            drafts = [of(c.variant) for c in served.values() if c.variant != main.variant and c.size_mb <= main.size_mb / 2]
+        else:
+            drafts = [of(d) for d in spec.drafts if not d.endswith(".gguf") and d in served and d != main.variant]
+            drafts += [(Path(d).stem, d, file_sha256(Path(d))) for d in spec.drafts if d.endswith(".gguf")]
+        return drafts + ([("ngram", "", "")] if spec.ngram else [])
+
+    def record_pair(self, variant: VariantSpec, draft: str, file: str, target: TargetProfile, build, future) -> None:
+        """A pair that is faster with identical output becomes a version of its own (draft.gguf
+        beside model.gguf, the server flags in server-args.json); any other is a row saying why not."""
+        pair_variant = VariantSpec(name=f"{variant.name}-spec-{draft}", stages=variant.stages)
+        future.wait()
+        if future.state.is_failed():
+            message, text = error_text(future.state)
+            self.skip_or_fail(pair_variant, target, "failed", f"speculative pair failed: {message}", text, "llama_cpp")
+            return
+        measured = future.result()
+        pair = measured.pair
+        facts = f"acceptance {pair.acceptance:.2f} ({pair.accepted}/{pair.drafted}), {pair.speedup:.2f}x {variant.name}'s 1-user decode"
+        why = (f"greedy output differs from {variant.name} alone ({pair.first_difference}); {facts}" if not pair.identical
+               else f"no faster than {variant.name} alone ({facts}; identical output)" if pair.speedup <= 1 else None)
+        if why is not None:
+            self.outcome.unbuilt(self.parent, pair_variant, target, "skipped", f"not registered: {why}", runtime="llama_cpp", profile=pair.profile())
+            return
+        reference = self.reference[target.name]
+        artifact = paired_artifact(self.artifacts[variant.name], Path(file) if file else None, draft, pair, self.variants_dir)
+        main = self.measured[variant.name, target.name, "llama_cpp"]
+        metrics = main.model_copy(update={"size_mb": artifact.size_bytes / 1e6, "decode_tok_s": pair.pair_tok_s, "profile": main.profile | pair.profile()})
+        tags = {"byoai.draft_of": variant.name, "byoai.draft": draft, "byoai.server_flags": " ".join(artifact.facts["server_flags"])}
+        progress.emit("registering", pair_variant.name, target.name, "llama_cpp")
+        run_id = log_variant_run(self.parent, pair_variant, target, [artifact], metrics, reference, build, tags, {})
+        log_serving(self.parent, run_id, measured.served, "")
+        measured_here = Measured(target.name, "llama_cpp", metrics, reference, measured.served)
+        card = model_card(self.recipe, pair_variant, [artifact], [measured_here], self.model)
+        description = version_description(pair_variant, measured_here, build.key)
+        version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), pair_variant, target, artifact, run_id, build, card, description)
+        tag_version(self.parent, self.recipe.name, version.version, tags)
+        candidate = Candidate.measured(pair_variant.name, version.version, metrics, reference, measured.served)
+        self.outcome.candidates.setdefault(target.name, []).append(candidate)
+        note = f"{variant.name} with draft {draft}: {facts}, identical greedy output"
+        self.outcome.results.append(ResultRow.measured(
+            pair_variant.name, f"{variant.technique}+speculative", target.name, metrics, candidate.ppl_delta_pct, version.version, run_id, note,
+            None, measured.served.flat() if measured.served else {},
+        ))
+        progress.emit("done", pair_variant.name, target.name, "llama_cpp", measured_line(metrics, candidate.ppl_delta_pct))
+
+
+def paired_artifact(main, draft: Path | None, draft_name: str, pair, variants_dir: str):
+    """The main model's folder with the draft beside it (draft.gguf) and the server flags that run
+    them together (server-args.json, the draft named by its file name): what a pair ships as."""
+    import json
+    import os
+    import shutil
+
+    from byoai.files import atomic_folder, folder_sha256, json_sha256
+    from byoai.tasks.build import Artifact
+    from byoai.tasks.serving import draft_args
+
+    flags = list(draft_args(Path("draft.gguf") if draft else None, pair.n_max, pair.p_min))
+    folder = Path(variants_dir) / f"speculative-{json_sha256([main.sha, draft_name, flags, draft.stat().st_size if draft else 0])[:16]}"
+    if not folder.is_dir():
+        with atomic_folder(folder) as tmp:
+            for item in Path(main.path).iterdir():
+                if item.is_file() and not item.name.startswith("."):
+                    os.link(item, tmp / item.name)
+            if draft:
+                shutil.copy2(draft, tmp / "draft.gguf")
+            (tmp / "server-args.json").write_text(json.dumps({"args": flags}, indent=1))
+    files = [f for f in folder.iterdir() if f.is_file()]
+    return Artifact(
+        technique=f"{main.technique}+speculative", path=str(folder), sha=folder_sha256(folder), size_bytes=sum(f.stat().st_size for f in files),
+        build_s=0.0, build_device="cpu", format="gguf", facts={
+            **main.facts, "draft_of": main.technique, "draft": draft_name, "server_flags": flags,
+            "acceptance": round(pair.acceptance, 4), "speedup": round(pair.speedup, 4),
+        },
+    )
+
+
 def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef, outcome: TargetOutcome) -> None:
     """Resolve the model and data, measure the base model (the gate's reference) and every
     variant on `targets`, logging each into the parent MLflow run; rows land in `outcome` as they
@@ -385,3 +502,4 @@ def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef
             loop.run_search(variant)
     if recipe.auto is not None:
         AutoSearch(loop, recipe.auto).run(recipe.auto_candidates())
+    loop.run_speculative()

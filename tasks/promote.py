@@ -34,6 +34,9 @@ class Candidate(BaseModel):
     # empty when not served, and then `serving_note` says why (e.g. "no serving runtime")
     serving: dict[str, dict[str, float]] = {}
     serving_note: str = ""
+    # where decode_tok_s comes from: the protocol (llama-cpp-python, transformers, ...) or, for a
+    # candidate served at 1 user, llama-server (what `fastest` compares when the recipe serves)
+    decode_source: str = "protocol"
 
     @classmethod
     def measured(cls, variant: str, version: str, metrics: Metrics, reference: Metrics, served=None, serving_note: str = "") -> Candidate:
@@ -45,7 +48,8 @@ class Candidate(BaseModel):
             ppl=metrics.ppl,
             ppl_delta_pct=ppl_delta_pct(metrics, reference),
             size_mb=metrics.size_mb,
-            decode_tok_s=metrics.decode_tok_s,
+            decode_tok_s=one_user.tok_s_per_user if (one_user := served.at(1) if served else None) else metrics.decode_tok_s,
+            decode_source="llama-server, 1 user" if one_user else "protocol",
             task_recovery=recovery(metrics.tasks, reference.tasks),
             serving={str(level.users): {k: getattr(level, k) for k in SERVING_KEYS} for level in served.levels} if served else {},
             serving_note=serving_note,
@@ -197,6 +201,7 @@ def decide(candidates: list[Candidate], champion: Candidate | None, promotion: P
             "reference": c.reference_runtime,
             "size_mb": round(c.size_mb, 3),
             "decode_tok_s": round(c.decode_tok_s, 3),
+            "decode_from": c.decode_source,
             "min_task_recovery": round(min(c.task_recovery.values()), 4) if c.task_recovery else None,
             "gate": "pass" if gate else "fail",
             "pareto": c.version in front,

@@ -25,7 +25,7 @@ _RESULT_COLUMNS = [
 _DECISION_COLUMNS = [
     ("target", "target", None), ("variant", "variant", None), ("runtime", "runtime", None), ("version", "version", None),
     ("ppl_delta_pct", "Δppl %", "+.2f"), ("reference", "vs reference in", None), ("size_mb", "size MB", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
-    ("min_task_recovery", "task recovery", ".3f"), ("gate", "gate", None), ("pareto", "Pareto", None),
+    ("decode_from", "decode measured by", None), ("min_task_recovery", "task recovery", ".3f"), ("gate", "gate", None), ("pareto", "Pareto", None),
     ("champion", "champion", None), ("slo", "serving SLO", None), ("reason", "why", None),
 ]
 _SERVING_COLUMNS = [
@@ -37,9 +37,11 @@ _SERVING_COLUMNS = [
 
 
 def _decision_columns(decisions: list[dict[str, Any]]):
-    """The selection table's columns; the serving SLO only where the recipe set one."""
+    """The selection table's columns; the serving SLO only where the recipe set one, where decode
+    speeds come from only when they come from more than one place (llama-server and the protocol)."""
     slo = any(d.get("slo") for d in decisions)
-    return [c for c in _DECISION_COLUMNS if c[0] != "slo" or slo]
+    mixed = len({d.get("decode_from") for d in decisions if d.get("decode_from")}) > 1
+    return [c for c in _DECISION_COLUMNS if (c[0] != "slo" or slo) and (c[0] != "decode_from" or mixed)]
 
 
 def serving_rows(results: list[dict[str, Any]], target: str) -> list[dict[str, Any]]:

@@ -45,6 +45,9 @@ from byoai.tasks.build import Artifact
 from byoai.tasks.data import CACHED, TokensRef
 from byoai.tasks.runtimes import RUNTIMES, RuntimeBuild
 
+# Prompts a speculative pair is measured on, alone and with its draft: fewer leave the 1-user
+# decode speed-up within its own noise (about ±10 % with 4 prompts on a busy 2-core worker).
+PAIR_PROMPTS = 12
 # How long a server may take to load its model and answer /health (a large GGUF on a slow disk).
 READY_TIMEOUT_S = 300.0
 _PR_SET_PDEATHSIG = 1
@@ -111,6 +114,12 @@ class ServeRequest(BaseModel):
     windows_path: str
     serving: dict  # byoai.recipe.ServingSpec as JSON
     log_path: str
+    extra_args: tuple[str, ...] = ()  # more server flags (a draft's)
+    # a speculative pair: the draft's file ("" for n-gram speculation), its name, the recipe's
+    # SpeculativeSpec as JSON
+    draft_path: str = ""
+    draft_name: str = ""
+    speculative: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -374,19 +383,24 @@ def drive_level(server: Server, prompts: list[list[int]], users: int, new_tokens
     )
 
 
+def evaluation_stream(windows_path: str) -> list[int]:
+    from byoai.tasks.data import load_windows
+
+    return [int(t) for t in load_windows(windows_path).flatten().tolist()]
+
+
 def measure_serving(request: ServeRequest) -> ServingMetrics:
     """Serve the artifact and drive it at every level of the profile (in this process)."""
     import httpx
-
-    from byoai.tasks.data import load_windows
 
     spec = ServingSpec.model_validate(request.serving)
     slots = max(spec.users)
     server_spec = ServerSpec(
         model=Path(request.artifact_path) / RUNTIMES[request.runtime].served_file, threads=request.threads or os.cpu_count() or 1,
-        slots=slots, slot_context=spec.slot_context, device=request.device,
+        slots=slots, slot_context=spec.slot_context + (64 if request.extra_args else 0), device=request.device,
+        extra_args=request.extra_args,
     )
-    stream = [int(t) for t in load_windows(request.windows_path).flatten().tolist()]
+    stream = evaluation_stream(request.windows_path)
     with running_server(request.runtime, request.build, server_spec, Path(request.log_path)) as server:
         with httpx.Client(timeout=600) as client:  # warm-up: the first request pays one-off costs
             complete(client, server, prompts_for(stream, spec, 1, seed=-1)[0], min(4, spec.new_tokens), spec.stream)
@@ -443,6 +457,25 @@ class PairResult(BaseModel):
     identical: bool
     first_difference: str  # "" when identical, else where and which tokens
 
+    def profile(self) -> dict[str, float]:
+        """As MLflow metrics and a result row's profile: speculative.<name>."""
+        keep = ("acceptance", "drafted", "accepted", "main_tok_s", "pair_tok_s", "speedup", "main_ttft_ms", "pair_ttft_ms", "draft_size_ratio",
+                "n_max", "p_min")
+        return {f"speculative.{k}": float(getattr(self, k)) for k in keep} | {"speculative.identical": float(self.identical)}
+
+
+def first_difference(alone: list[list[int]], paired: list[list[int]]) -> str:
+    """Where the outputs with a draft first differ from the main model's alone ("" when identical)."""
+    for i, (a, b) in enumerate(zip(alone, paired, strict=True)):
+        diff = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if diff is None and len(a) != len(b):
+            diff = min(len(a), len(b))
+        if diff is not None:
+            main = a[diff] if diff < len(a) else "end"
+            with_draft = b[diff] if diff < len(b) else "end"
+            return f"prompt {i}, token {diff}: token id {main} alone, {with_draft} with the draft"
+    return ""
+
 
 def greedy(client, server: Server, prompt: list[int], new_tokens: int) -> dict:
     """One greedy completion through llama-server's /completion, with its token ids and timings."""
@@ -466,20 +499,10 @@ def measure_pair(runtime: str, build: RuntimeBuild, main: Path, draft: Path | No
                  new_tokens: int, threads: int, n_max: int, p_min: float, log_path: Path, device: str = "cpu") -> PairResult:
     """The main model alone, then with the draft (or n-gram speculation when `draft` is None)."""
     base = ServerSpec(model=main, threads=threads, slots=1, slot_context=max(len(p) for p in prompts) + new_tokens + n_max + 8, device=device)
-    flags = ("--spec-draft-n-max", str(n_max), "--spec-draft-p-min", str(p_min))
-    extra = ("-md", str(draft), "-ngld", "999" if device == "cuda" else "0", *flags) if draft else ("--spec-type", "ngram-simple", *flags)
+    extra = draft_args(draft, n_max, p_min, device)
     alone = greedy_runs(runtime, build, base, prompts, new_tokens, log_path)
     paired = greedy_runs(runtime, build, ServerSpec(**{**base.__dict__, "extra_args": extra}), prompts, new_tokens, log_path)
-    first = ""
-    for i, (a, b) in enumerate(zip(alone, paired, strict=True)):
-        diff = next((j for j, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
-        if diff is None and len(a["tokens"]) != len(b["tokens"]):
-            diff = min(len(a["tokens"]), len(b["tokens"]))
-        if diff is not None:
-            main_token = a["tokens"][diff] if diff < len(a["tokens"]) else None
-            pair_token = b["tokens"][diff] if diff < len(b["tokens"]) else None
-            first = f"prompt {i}, token {diff}: main {main_token} vs with draft {pair_token}"
-            break
+    first = first_difference([r["tokens"] for r in alone], [r["tokens"] for r in paired])
     drafted = sum(int(r["timings"].get("draft_n", 0)) for r in paired)
     accepted = sum(int(r["timings"].get("draft_n_accepted", 0)) for r in paired)
     main_tok_s = statistics.median(r["timings"]["predicted_per_second"] for r in alone)
@@ -491,3 +514,65 @@ def measure_pair(runtime: str, build: RuntimeBuild, main: Path, draft: Path | No
         drafted=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else 0.0,
         draft_size_ratio=draft.stat().st_size / main.stat().st_size if draft else 0.0, identical=not first, first_difference=first,
     )
+
+
+def draft_args(draft: Path | None, n_max: int, p_min: float, device: str = "cpu") -> tuple[str, ...]:
+    """llama-server's flags for speculative decoding with a draft model, or n-gram lookup without one."""
+    flags = ("--spec-draft-n-max", str(n_max), "--spec-draft-p-min", str(p_min))
+    if draft is None:
+        return ("--spec-type", "ngram-simple", *flags)
+    return ("--spec-type", "draft-simple", "-md", str(draft), "-ngld", "999" if device == "cuda" else "0", *flags)
+
+
+class PairMeasured(BaseModel):
+    """A speculative pair: at 1 user against the main model alone, and (when its output is the
+    main model's) under the serving profile."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pair: PairResult
+    served: ServingMetrics | None = None
+
+
+def measure_speculation(request: ServeRequest) -> PairMeasured:
+    """In a worker: the pair at 1 user (measure_pair), then, if lossless, the serving profile."""
+    from byoai.recipe import SpeculativeSpec
+
+    spec = ServingSpec.model_validate(request.serving)
+    spec_draft = SpeculativeSpec.model_validate(request.speculative)
+    main = Path(request.artifact_path) / RUNTIMES[request.runtime].served_file
+    draft = Path(request.draft_path) if request.draft_path else None
+    prompts = prompts_for(evaluation_stream(request.windows_path), spec, PAIR_PROMPTS, seed=0)
+    pair = measure_pair(request.runtime, request.build, main, draft, request.draft_name, prompts, spec.new_tokens,
+                        request.threads or os.cpu_count() or 1, spec_draft.n_max, spec_draft.p_min, Path(request.log_path), request.device)
+    if not pair.identical:
+        return PairMeasured(pair=pair)
+    extra = draft_args(draft, spec_draft.n_max, spec_draft.p_min, request.device)
+    return PairMeasured(pair=pair, served=measure_serving(request.model_copy(update={"extra_args": extra})))
+
+
+@task(cache_policy=CACHED, persist_result=True)
+def speculate_in_runtime(
+    artifact: Artifact, draft_file: str, draft_sha: str, draft_name: str, target: TargetProfile, runtime: str, build: RuntimeBuild,
+    perplexity_tokens: TokensRef, serving: ServingSpec, speculative,
+) -> PairMeasured:
+    """A main model with a draft GGUF file ("": n-gram speculation), measured in a worker process;
+    `draft_sha` (the file's content) keys the cache."""
+    from byoai.isolation import run_worker
+    from byoai.settings import Settings
+
+    progress.from_task("speculating")
+    log_path = Settings().logs_dir() / "servers" / f"{Path(artifact.path).name}-{draft_name}-{target.name}.log"
+    request = ServeRequest(
+        runtime=runtime, build=build, artifact_path=artifact.path, device=target.device, threads=target.threads,
+        windows_path=perplexity_tokens.path, serving=serving.model_dump(mode="json"), log_path=str(log_path),
+        draft_path=draft_file, draft_name=draft_name,
+        speculative=speculative.model_dump(mode="json"),
+    )
+    measured, _, output = run_worker("speculate", request.model_dump_json(), dict(os.environ))
+    if output.strip():
+        step_logger().debug("speculation worker output:\n%s", output[-10000:])
+    pair = measured.pair
+    step_logger().info("%s with draft %s on %s: %.2fx decode, acceptance %.2f, output %s", artifact.technique, draft_name, target.name,
+                       pair.speedup, pair.acceptance, "identical" if pair.identical else f"differs ({pair.first_difference})")
+    return measured

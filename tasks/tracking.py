@@ -303,6 +303,14 @@ def log_serving(parent: RunRef, run_id: str, served, why_not: str) -> None:
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def tag_version(parent: RunRef, name: str, version: str, tags: dict[str, str]) -> None:
+    """More tags on a registered version (a speculative pair's draft and server flags)."""
+    mlflow = client(parent.tracking_uri)
+    for key, value in tags.items():
+        mlflow.set_model_version_tag(name, version, key, value[:5000])
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_variant(
     parent: RunRef,
     recipe_name: str,

@@ -99,6 +99,55 @@ def test_a_failed_measurement_or_a_killed_worker_leaves_no_server(served_q8, ggu
     assert llama_servers() == before
 
 
+def test_a_pair_is_measured_and_its_greedy_output_checked_token_by_token(served_q8, gguf_bench, workdir):
+    from byoai.tasks.serving import evaluation_stream, first_difference, measure_pair, prompts_for
+
+    artifact, target, build = served_q8
+    main = Path(artifact.path) / "model.gguf"
+    prompts = prompts_for(evaluation_stream(gguf_bench.tokens.path), SERVING, 2, seed=0)
+    before = llama_servers()
+    # the main model as its own draft: every drafted token is the main model's own greedy choice
+    pair = measure_pair("llama_cpp", build, main, main, "itself", prompts, 16, 2, n_max=4, p_min=0.0, log_path=workdir / "pair.log")
+    assert llama_servers() == before
+    assert pair.drafted > 0 and pair.accepted / pair.drafted == pair.acceptance > 0.5 and pair.draft_size_ratio == 1.0
+    assert pair.main_tok_s > 0 and pair.pair_tok_s > 0 and pair.speedup == pair.pair_tok_s / pair.main_tok_s
+    assert pair.identical == (pair.first_difference == "")
+    # the check itself: the first token that differs, or a shorter output
+    assert first_difference([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]]) == "prompt 1, token 1: token id 5 alone, 9 with the draft"
+    assert first_difference([[1, 2, 3]], [[1, 2]]) == "prompt 0, token 2: token id 3 alone, end with the draft"
+    assert first_difference([[1, 2]], [[1, 2]]) == ""
+
+
+def test_a_draft_with_another_vocabulary_is_refused_at_the_door(served_q8, workdir, write_recipe, gguf_tiny_model, smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
+    from byoai.files import folder_sha256
+    from byoai.tasks.model import ModelRef
+    from tests.conftest import Bench
+    from tests.tiny import make_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2.path)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(64)])  # the vocabulary resized: 49,216 tokens
+    tokenizer.save_pretrained(tmp_path / "tok")
+    resized = make_tiny_model(tmp_path / "resized", hidden=256, intermediate=512, tokenizer_dir=tmp_path / "tok")
+    ref = ModelRef(path=str(resized), sha=folder_sha256(resized), source="test:resized")
+    bench = Bench(ref, tmp_path / "bench", n_samples=2, seq_len=32, eval_tokens=256, eval_seq_len=128)
+    draft = Path(bench.build("gguf", {"quant_type": "q8_0"}).path) / "model.gguf"
+    serving = "{users: [1], requests_per_user: 1, prompt_tokens: 16, new_tokens: 4}"
+    evaluation = f"{{perplexity: {{source: {{kind: builtin, split: test}}}}, serving: {serving}}}"
+    variants = "[{name: q8, technique: gguf, params: {quant_type: q8_0}}]"
+    refused = write_recipe(model=f"{{kind: local, path: {gguf_tiny_model}}}", evaluation=evaluation, variants=variants, speculative=f"{{drafts: [{draft}]}}")
+    result = CliRunner().invoke(app, ["validate", str(refused)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "speculative.drafts" in text and "another vocabulary than the model (the draft has 49216 tokens, the model 49152)" in text
+    same = Path(served_q8[0].path) / "model.gguf"  # the same tokenizer: accepted
+    accepted = write_recipe(model=f"{{kind: local, path: {gguf_tiny_model}}}", evaluation=evaluation, variants=variants, speculative=f"{{drafts: [{same}]}}")
+    assert load_recipe(accepted).speculative.drafts == (str(same),)
+    no_serving = write_recipe(model=f"{{kind: local, path: {gguf_tiny_model}}}", variants=variants, speculative="{drafts: auto}")
+    result = CliRunner().invoke(app, ["validate", str(no_serving)])
+    assert result.exit_code == 2 and "speculative: add evaluation.serving" in " ".join(result.output.split())
+
+
 def _failure(fn, *args):
     try:
         fn(*args)
@@ -164,7 +213,8 @@ def test_a_recipe_promotes_by_serving_slo_and_byoai_serve_answers_an_openai_clie
   perplexity: {source: {kind: builtin, split: test}, max_tokens: 512, seq_len: 128}
   latency: {prompt_tokens: 16, new_tokens: 4, warmup: 0, repeats: 1}
   serving: {users: [1, 2], requests_per_user: 2, prompt_tokens: 32, new_tokens: 8, shared_prefix_tokens: 16}""",
-        variants="[{name: baseline, technique: baseline}, {name: q8, technique: gguf, params: {quant_type: q8_0}}, {name: q4, technique: gguf, params: {quant_type: q4_0}}]",
+        variants="""[{name: baseline, technique: baseline}, {name: q4, technique: gguf, params: {quant_type: q4_0}},
+          {name: q8, technique: gguf, params: {quant_type: q8_0}, speculative: {drafts: [q4], n_max: 4, p_min: 0.0}}]""",
         promotion="{gate: {max_ppl_increase_pct: 50}, objective: capacity, slo: {users: 2, p95_ttft_ms: 60000, p95_itl_ms: 60000}}",
     ))
     summary = run_optimize(recipe)
@@ -182,6 +232,19 @@ def test_a_recipe_promotes_by_serving_slo_and_byoai_serve_answers_an_openai_clie
     assert client.get_run(rows["baseline"].run_id).data.tags["byoai.serving"].startswith("no serving runtime")
     report = {a.path for a in client.list_artifacts(summary.parent_run_id, "report")}
     assert "report/serving-cpu-x86.png" in report
+    # q8 paired with q4 as its draft and with n-gram lookup: each measured against q8 alone; a pair is
+    # a version of its own only when it is faster with the same greedy output, else a row says why not
+    for name in ("q8-spec-q4", "q8-spec-ngram"):
+        pair = next(r for r in summary.results if r.variant == name)
+        if pair.status == "finished":
+            assert "identical greedy output" in pair.reason and pair.version
+            version = client.get_model_version("tiny", pair.version)
+            assert version.tags["byoai.draft_of"] == "q8" and "--spec-draft-n-max 4" in version.tags["byoai.server_flags"]
+            files = {a.path for a in client.list_artifacts(version.tags["byoai.run_id"], "model")}
+            assert "model/server-args.json" in files and ("model/draft.gguf" in files) == (name == "q8-spec-q4")
+        else:
+            assert pair.status == "skipped" and pair.reason.startswith("not registered: "), pair.reason
+            assert "acceptance" in pair.reason and ("differs from q8 alone (prompt" in pair.reason or "no faster than q8 alone" in pair.reason)
 
     # byoai serve: the champion behind an API key, in the foreground until SIGTERM
     env = os.environ | {"BYOAI_SERVE_API_KEY": "test-key-123", "BYOAI_HOME": str(workdir / ".byoai")}
