@@ -297,5 +297,6 @@ def promote_champion(
             "reference": given.reference_runtime, "size_mb": round(given.size_mb, 3), "decode_tok_s": round(given.decode_tok_s, 3),
             "gate": "pass" if rejection(given, promotion) is None else "fail", "pareto": None, "champion": False,
             "reason": input_verdict(given, chosen, target, promotion),
+            **({"slo": slo_text(given, promotion.slo), "slo_users": served_users(given, promotion.slo)} if promotion.slo else {}),
         })
     return [{"target": target, **row} for row in rows]
