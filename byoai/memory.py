@@ -119,6 +119,9 @@ class Windows:
     latency_context: int  # the longest context the latency profile builds (all batches side by side)
     max_batch: int
     serving_context: int = 0  # a server's KV cache: slots x (prompt + new tokens); 0 without serving
+    # a speculative pair's draft beside the main file in the server, as a share of the main file
+    # (auto drafts are at most half of it); 0 without speculative decoding
+    draft_share: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def windows_of(recipe: Recipe) -> Windows:
         latency_context=max(max([latency.prompt_tokens, *latency.prompt_lengths]), batches * (latency.prompt_tokens + latency.new_tokens)),
         max_batch=batches,
         serving_context=max(serving.users) * serving.slot_context if (serving := recipe.evaluation.serving) else 0,
+        draft_share=0.5 if recipe.speculative or any(v.speculative for v in recipe.variants) else 0.0,
     )
 
 

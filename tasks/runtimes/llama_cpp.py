@@ -442,6 +442,11 @@ def footprint(ctx, artifact_bytes: int):
     buffers = context * ctx.shape.kv_bytes_per_token + w.eval_seq_len * ctx.shape.vocab * 4 * 2
     held = "llama-server's slots" if w.serving_context > max(w.eval_seq_len, w.latency_context) else "the measurement"
     why = f"the GGUF file memory-mapped ({artifact_bytes / 1e9:.1f} GB), KV cache and logits of {context} tokens ({held})"
+    if w.draft_share:  # the server of a speculative pair maps a draft and holds its KV cache too
+        draft = int(artifact_bytes * w.draft_share)
+        buffers += int(w.serving_context * ctx.shape.kv_bytes_per_token * w.draft_share)
+        artifact_bytes += draft
+        why += f", a draft up to {draft / 1e9:.1f} GB beside it"
     if ctx.device == "cpu":
         return Footprint(host=WORKER_BYTES + artifact_bytes + buffers, why=why)
     return Footprint(host=WORKER_BYTES + w.eval_seq_len * ctx.shape.vocab * 4 * 2, device=artifact_bytes + buffers, why=why)
