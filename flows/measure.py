@@ -162,7 +162,7 @@ class Loop:
         return evaluation
 
     def served_metrics(self, name: str, target: TargetProfile, runtime: str) -> tuple[ServingMetrics | None, str]:
-        """(its serving measurement, "") or (None, why there is none); ("", "") without a profile."""
+        """(its serving measurement, "") or (None, why there is none); (None, "") without a profile."""
         if self.recipe.evaluation.serving is None:
             return None, ""
         future = self.served.get((name, target.name, runtime))
