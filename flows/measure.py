@@ -23,7 +23,7 @@ from byoai.recipe import INPUT_VARIANT, LatencySpec, Recipe, TargetProfile, Vari
 from byoai.settings import Settings
 from byoai.summary import ResultRow
 from byoai.tasks.build import build_variant, gguf_input_artifact
-from byoai.tasks.card import Measured, model_card, version_description
+from byoai.tasks.card import Measured, measured_section, model_card, version_description
 from byoai.tasks.data import TokensRef, prepare_calibration, prepare_perplexity_tokens
 from byoai.tasks.evaluate import evaluate_in_runtime
 from byoai.tasks.lm_eval_tasks import fingerprint
@@ -34,11 +34,18 @@ from byoai.tasks.runtimes import RUNTIMES, runtimes_for
 from byoai.tasks.serving import ServingMetrics, serve_in_runtime, speculate_in_runtime
 from byoai.tasks.search import Search
 from byoai.flows.auto_search import AutoSearch
-from byoai.tasks.tracking import RunRef, log_input_run, log_memory_plan, log_serving, log_unbuilt_run, log_variant_run, register_variant, tag_version
+from byoai.tasks.tracking import RunRef, complete_card, log_input_run, log_memory_plan, log_serving, log_unbuilt_run, log_variant_run, register_variant, tag_version
 
 # A speculative pair is registered only above this 1-user decode speed-up over its main model
 # alone: the same measurement repeated on this project's 2-core worker moves by about ±10 %.
 MIN_SPEEDUP = 1.1
+
+
+class WrittenCard(BaseModel):
+    """Where a registration wrote an artifact's model card (an artifact path of an MLflow run)."""
+
+    run_id: str
+    path: str
 
 
 class TargetOutcome(BaseModel):
@@ -48,12 +55,19 @@ class TargetOutcome(BaseModel):
     candidates: dict[str, list[Candidate]] = Field(default_factory=dict)
     # target -> the recipe's own GGUF file as measured there: what a champion must beat to be worth it
     inputs: dict[str, Candidate] = Field(default_factory=dict)
+    # artifact sha -> what was measured of it on every target, and where its card was written:
+    # a card written on one pool is completed with the other pools' measurements (complete_cards)
+    measured: dict[str, list[Measured]] = Field(default_factory=dict)
+    cards: dict[str, WrittenCard] = Field(default_factory=dict)
 
     def merge(self, other: TargetOutcome) -> None:
         self.results += other.results
         for target, candidates in other.candidates.items():
             self.candidates.setdefault(target, []).extend(candidates)
         self.inputs |= other.inputs
+        for sha, measured in other.measured.items():
+            self.measured.setdefault(sha, []).extend(measured)
+        self.cards |= other.cards
 
     def unbuilt(self, parent: RunRef, variant: VariantSpec, target: TargetProfile, status: str, reason: str, text: str | None = None,
                 runtime: str = "", profile: dict[str, float] | None = None) -> None:
@@ -251,11 +265,15 @@ class Loop:
         for *_, future in evaluations:
             future.wait()
         measured = [
-            Measured(target.name, runtime, future.result(), self.reference[target.name], self.served_metrics(variant.name, target, runtime)[0])
+            Measured(target=target.name, runtime=runtime, metrics=future.result(), reference=self.reference[target.name],
+                     served=self.served_metrics(variant.name, target, runtime)[0])
             for _, target, runtime, _, future in evaluations if not future.state.is_failed()
         ]
         card = model_card(self.recipe, variant, evaluations[0][3], measured, self.model) if measured else ""
-        return [self.record(v, target, runtime, built, future, card, tags, note) for v, target, runtime, built, future in evaluations]
+        recorded = [self.record(v, target, runtime, built, future, card, tags, note) for v, target, runtime, built, future in evaluations]
+        if measured:
+            self.outcome.measured.setdefault(evaluations[0][3][-1].sha, []).extend(measured)
+        return recorded
 
     def record(self, variant: VariantSpec, target: TargetProfile, runtime: str, built: list, future, card: str, tags: dict[str, str] | None = None, note: str = "") -> Candidate | None:
         """Log the child run and register the version of one evaluated variant x target x runtime."""
@@ -271,8 +289,10 @@ class Loop:
         progress.emit("registering", variant.name, target.name, runtime)
         run_id = log_variant_run(self.parent, variant, target, built, metrics, reference, build, tags or {}, self.planned_peak(variant.name, target.name))
         log_serving(self.parent, run_id, served, no_serving)
-        description = version_description(variant, Measured(target.name, runtime, metrics, reference), build.key)
+        description = version_description(variant, Measured(target=target.name, runtime=runtime, metrics=metrics, reference=reference), build.key)
         version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build, card, description)
+        if version.card_path:
+            self.outcome.cards[built[-1].sha] = WrittenCard(run_id=version.card_run, path=version.card_path)
         candidate = Candidate.measured(variant.name, version.version, metrics, reference, served, no_serving)
         self.outcome.candidates.setdefault(target.name, []).append(candidate)
         if no_serving.startswith("serving failed"):
@@ -414,7 +434,7 @@ class Loop:
         progress.emit("registering", pair_variant.name, target.name, "llama_cpp")
         run_id = log_variant_run(self.parent, pair_variant, target, [artifact], metrics, reference, build, tags, {})
         log_serving(self.parent, run_id, measured.served, "")
-        measured_here = Measured(target.name, "llama_cpp", metrics, reference, measured.served)
+        measured_here = Measured(target=target.name, runtime="llama_cpp", metrics=metrics, reference=reference, served=measured.served)
         card = model_card(self.recipe, pair_variant, [artifact], [measured_here], self.model)
         description = version_description(pair_variant, measured_here, build.key)
         version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), pair_variant, target, artifact, run_id, build, card, description)
@@ -458,6 +478,16 @@ def paired_artifact(main, draft: Path | None, draft_name: str, pair, variants_di
             "acceptance": round(pair.acceptance, 4), "speedup": round(pair.speedup, 4),
         },
     )
+
+
+def complete_cards(recipe: Recipe, parent: RunRef, outcome: TargetOutcome) -> None:
+    """Once dispatched pools have reported: each card written in this run gets what every target,
+    on every pool, measured of its artifact (a pool registers before it can see the others')."""
+    order = [t.name for t in recipe.targets]
+    for sha, card in outcome.cards.items():
+        measured = {(m.target, m.runtime): m for m in outcome.measured.get(sha, [])}
+        rows = sorted(measured.values(), key=lambda m: (order.index(m.target) if m.target in order else len(order), m.runtime))
+        complete_card(parent, card.run_id, card.path, measured_section(recipe, rows))
 
 
 def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef, outcome: TargetOutcome) -> None:

@@ -24,7 +24,7 @@ from byoai.results import result_options
 from byoai.runners import execution, task_runner
 from byoai.settings import Settings, remote_code_policy
 from byoai.summary import RunSummary
-from byoai.flows.measure import TargetOutcome, measure_targets
+from byoai.flows.measure import TargetOutcome, complete_cards, measure_targets
 from byoai.tasks.promote import promote_champion
 from byoai.tasks.report import log_report, render_markdown
 from byoai.tasks.tracking import RunRef, finish_parent_run, start_parent_run
@@ -117,6 +117,8 @@ def optimize(recipe: Recipe, tracking_uri: str | None = None, dispatch: dict[str
             if local:
                 measure_targets(recipe, local, parent, outcome)
             collect_dispatched(started, recipe, parent, outcome)
+            if started:
+                complete_cards(recipe, parent, outcome)
             for target in recipe.targets:
                 if target.name in outcome.candidates or any(skip_reason(v, target) is None for v in recipe.variants):
                     decisions += promote_champion(

@@ -2,7 +2,8 @@
 
 - The card (`README.md` beside the model files, written once when the artifact is first
   registered) is what does not change: what the file is, what it was calibrated on, how to run it,
-  the recipe's sha, and what this run measured on every target, against the named reference. Its
+  the recipe's sha, and what this run measured on every target, against the named reference (the
+  run that dispatched targets to other work pools completes that last section once they report). Its
   YAML front matter follows the Hugging Face model card convention (`base_model`,
   `base_model_relation`, `library_name`, `tags`, `license`), so the folder can be pushed to a hub
   as it is.
@@ -16,32 +17,38 @@ Pure functions of what the flow already holds; nothing here reads or writes MLfl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from byoai.recipe import BuiltinText, EmbeddedModel, FileText, GgufModel, HubDatasetText, HubModel, LocalModel, Recipe, VariantSpec
 from byoai.tasks.build import Artifact
 from byoai.tasks.evaluate import Metrics, ppl_delta_pct
 from byoai.tasks.model import EMBEDDED_BASE_MODEL, EMBEDDED_PACKAGE, ModelRef
+from byoai.tasks.serving import ServingMetrics
 from byoai.tasks.techniques import TECHNIQUES
 
 CARD_FILE = "README.md"
 # The line promotion rewrites below (everything above it is written at registration).
 PROMOTION_HEADING = "#### Promotion"
+# The card's last section: completed by the dispatching run once every pool has measured the artifact.
+MEASURED_HEADING = "## Measured in this run"
 LIBRARY = {"gguf": "gguf", "onnx": "onnxruntime-genai", "hf": "transformers"}
 
 
-@dataclass(frozen=True)
-class Measured:
-    """One evaluation of the artifact in this run: target, runtime, its metrics and the reference's."""
+class Measured(BaseModel):
+    """One evaluation of the artifact in this run: target, runtime, its metrics and the reference's
+    (a model: a dispatched pool's measurements reach the dispatching run in its outcome)."""
+
+    model_config = ConfigDict(frozen=True)
 
     target: str
     runtime: str
     metrics: Metrics
     reference: Metrics
-    served: Any = None  # tasks.serving.ServingMetrics when the recipe had a serving profile
+    served: ServingMetrics | None = None  # when the recipe had a serving profile
 
 
 def base_model_id(recipe: Recipe) -> str | None:
@@ -220,14 +227,26 @@ def model_card(recipe: Recipe, variant: VariantSpec, chain: list[Artifact], meas
         "",
         "## How to run it", "",
         *how_to_run(recipe.name, artifact), "",
-        "## Measured in this run", "",
+        *measured_section(recipe, measured),
+    ]
+    return "\n".join(front + body)
+
+
+def measured_section(recipe: Recipe, measured: list[Measured]) -> list[str]:
+    """The card's last section: what this run measured of the artifact on every target."""
+    return [
+        MEASURED_HEADING, "",
         f"Perplexity on {text_source(recipe.evaluation.perplexity.source)} ({recipe.evaluation.perplexity.max_tokens} tokens at most, "
         f"windows of {recipe.evaluation.perplexity.seq_len}); the reference is the unchanged base model on the same target, in the runtime named. "
         f"Decode and time to first token (TTFT) at a {recipe.evaluation.latency.prompt_tokens}-token prompt; peak memory is the evaluating process's.", "",
         *(metrics_table(measured) if measured else ["Nothing was measured for this artifact in this run."]),
         "",
     ]
-    return "\n".join(front + body)
+
+
+def with_measured(card: str, section: list[str]) -> str:
+    """A card whose measured section is `section` (measured_section; the rest is kept)."""
+    return card.split(MEASURED_HEADING)[0] + "\n".join(section)
 
 
 def registered_marker(artifact: Artifact) -> str:

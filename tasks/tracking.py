@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from byoai.log import step_logger
 from byoai.recipe import INPUT_VARIANT, Recipe, TargetProfile, VariantSpec
 from byoai.tasks.build import Artifact
-from byoai.tasks.card import CARD_FILE, registered_marker
+from byoai.tasks.card import CARD_FILE, registered_marker, with_measured
 from byoai.tasks.techniques import REPORT_DIR
 from byoai.tasks.evaluate import Metrics, ppl_delta_pct
 from byoai.tasks.lm_eval_tasks import mlflow_metrics, recovery
@@ -41,6 +41,9 @@ class VersionRef(BaseModel):
     version: str
     source: str
     created: bool
+    # where this registration wrote the artifact's card ("" when the version reuses another's)
+    card_run: str = ""
+    card_path: str = ""
 
 
 def client(tracking_uri: str):
@@ -343,11 +346,13 @@ def register_variant(
             return VersionRef(name=recipe_name, version=str(version.version), source=version.source, created=False)
     from byoai.settings import Settings
 
+    card_path = ""
     if same_artifact:
         first = min(same_artifact, key=lambda v: int(v.version))
         source, source_run = f"models:/{recipe_name}/{first.version}", None
     elif not Settings().register_copies:  # the version points at the built folder: no copy (the card beside the run)
-        mlflow.log_text(run_id, card, "model-card/README.md")
+        card_path = f"model-card/{CARD_FILE}"
+        mlflow.log_text(run_id, card, card_path)
         source, source_run = Path(artifact.path).as_uri(), run_id
     else:
         # the model as it ships: a technique's report/ goes to the evaluation run instead; byoai's
@@ -357,7 +362,8 @@ def register_variant(
                 mlflow.log_artifacts(run_id, str(item), artifact_path=f"model/{item.name}")
             elif item.is_file() and not item.name.startswith(".byoai") and item.name != CARD_FILE:
                 mlflow.log_artifact(run_id, str(item), artifact_path="model")
-        mlflow.log_text(run_id, card, f"model/{CARD_FILE}")
+        card_path = f"model/{CARD_FILE}"
+        mlflow.log_text(run_id, card, card_path)
         mlflow.log_text(run_id, registered_marker(artifact), "model/.byoai-artifact.json")
         source, source_run = f"{mlflow.get_run(run_id).info.artifact_uri}/model", run_id
     version = mlflow.create_model_version(
@@ -380,7 +386,20 @@ def register_variant(
     )
     mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
     step_logger().info("registered %s version %s (%s@%s)", recipe_name, version.version, variant.name, target.name)
-    return VersionRef(name=recipe_name, version=str(version.version), source=source, created=True)
+    return VersionRef(name=recipe_name, version=str(version.version), source=source, created=True,
+                      card_run=run_id if card_path else "", card_path=card_path)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def complete_card(parent: RunRef, run_id: str, path: str, section: list[str]) -> None:
+    """Replace the measured section of a registered card (`path` in run `run_id`): the dispatching
+    run adds what other pools measured of the same artifact."""
+    import tempfile
+
+    mlflow = client(parent.tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        card = Path(mlflow.download_artifacts(run_id, path, folder)).read_text()
+    mlflow.log_text(run_id, with_measured(card, section), path)
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -128,9 +128,10 @@ def test_scheduled_deployment_runs_on_a_worker(write_recipe, on_stack):
     browse_uis(flow_run, name, str(champion.version))
 
 
-def test_a_target_on_another_pool_is_measured_by_that_pools_worker(write_recipe, on_stack):
+def test_a_target_on_another_pool_is_measured_by_that_pools_worker(write_recipe, on_stack, tmp_path):
     """`byoai deploy` gives the cpu-lab target's pool its own `byoai-target` deployment; the
-    optimize run dispatches that target there and promotes with what its worker measured."""
+    optimize run dispatches that target there and promotes with what its worker measured; the
+    artifact's card holds what both pools measured."""
     import subprocess
     import sys
 
@@ -173,14 +174,17 @@ def test_a_target_on_another_pool_is_measured_by_that_pools_worker(write_recipe,
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["byoai.target"] for r in children) == ["cpu-lab", "cpu-x86"]
     by_target = {r.data.tags["byoai.target"]: r.info.run_id for r in children}
-    sources = []
-    for target in ("cpu-x86", "cpu-lab"):
-        champion = client.get_model_version_by_alias(name, f"champion-{target}")
+    champions = [client.get_model_version_by_alias(name, f"champion-{target}") for target in ("cpu-x86", "cpu-lab")]
+    for target, champion in zip(("cpu-x86", "cpu-lab"), champions):
         assert champion.tags["byoai.variant"] == "rtn-w4-g32"
         assert champion.tags["byoai.run_id"] == by_target[target]  # its own target's metrics
-        sources.append(champion.source)
     # the same artifact is uploaded once; the other target's version is a registry copy of it
-    assert sorted(s.split(":")[0] for s in sources) == ["mlflow-artifacts", "models"]
+    assert sorted(c.source.split(":")[0] for c in champions) == ["mlflow-artifacts", "models"]
+    # whichever pool registered it first, its card ends with both targets' measurements
+    [uploaded] = [c for c in champions if c.source.startswith("mlflow-artifacts")]
+    card = Path(client.download_artifacts(uploaded.run_id, "model/README.md", str(tmp_path))).read_text()
+    measured = card.split("## Measured in this run")[1]
+    assert "| cpu-x86 | transformers |" in measured and "| cpu-lab | transformers |" in measured, measured
 
 
 def http_status(url: str, body: dict | None = None, auth: str | None = None) -> int:
