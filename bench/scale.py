@@ -14,9 +14,11 @@ parameters across the sizes measured.
 
 Resumable per size: each size's numbers land in bench/results/scale/<size>.json and a size with
 a file is not run again (delete it to re-measure); a run that died resumes from byoai's cache in
-its own BYOAI_HOME. After a size is recorded its model, variants and MLflow store are deleted
-(at 8B that is ~40 GB). Registered versions point at the built folders (--no-register), so no
-artifact is copied into the MLflow store.
+its own BYOAI_HOME. `--remeasure gptq-w4-g128[,...]` runs only those variants of each size again
+(after a fix) and replaces their rows in the size's file, which names the run of each row. After
+a size is recorded its model, variants and MLflow store are deleted (at 8B that is ~40 GB).
+Registered versions point at the built folders (--no-register), so no artifact is copied into the
+MLflow store.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def generate(name: str, folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
-def recipe_for(name: str, model: Path, params: int, quick: bool) -> Path:
+def recipe_for(name: str, model: Path, params: int, quick: bool, only: list[str] | None = None) -> Path:
     text = (f"{{kind: file, path: {WIKITEXT / 'valid.txt'}}}", f"{{kind: file, path: {WIKITEXT / 'test.txt'}}}") if WIKITEXT.is_dir() else (
         "{kind: builtin, split: train}", "{kind: builtin, split: test}")
     samples, seq = (4, 128) if name == "8b" or quick else (8, 256)
@@ -96,6 +98,8 @@ def recipe_for(name: str, model: Path, params: int, quick: bool) -> Path:
             f"{{name: gptq-w4-g{group}, technique: gptq, params: {{bits: 4, group_size: {group}}}}}",
             "{name: onnx-int4, technique: onnx, params: {precision: int4}}",
         ]
+    if only:
+        variants = [v for v in variants if any(f"name: {n}," in v for n in only)]
     path = WORK / f"scale-{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
@@ -109,7 +113,7 @@ def recipe_for(name: str, model: Path, params: int, quick: bool) -> Path:
     return path
 
 
-def measure(name: str, quick: bool) -> dict:
+def measure(name: str, quick: bool, only: list[str] | None = None) -> dict:
     """One size: generate, run, read every stage's numbers back from MLflow, clean up."""
     from byoai.plan import model_shape
     from byoai.recipe import load_recipe
@@ -127,7 +131,7 @@ def measure(name: str, quick: bool) -> dict:
     model = generate(name, home / "model", Path(smollm2.path))
     generate_s = time.perf_counter() - started
     bf16_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-    recipe = load_recipe(recipe_for(name, model, bf16_bytes // 2, quick))
+    recipe = load_recipe(recipe_for(name, model, bf16_bytes // 2, quick, only))
     shape = model_shape(recipe)
 
     from byoai.flows.optimize import run_optimize
@@ -135,7 +139,7 @@ def measure(name: str, quick: bool) -> dict:
     started = time.perf_counter()
     summary = run_optimize(recipe)
     run_s = time.perf_counter() - started
-    stages = stage_rows(summary)
+    stages = [st | {"mlflow_run": summary.parent_run_id} for st in stage_rows(summary)]
     record = {
         "size": name, "params": shape.params, "bf16_gb": bf16_bytes / 1e9, "generate_s": round(generate_s, 1),
         "run_s": round(run_s, 1), "mlflow_run": summary.parent_run_id, "stages": stages,
@@ -196,15 +200,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="135m,1b,3b,8b")
     parser.add_argument("--quick", action="store_true", help="a ~300M shape, two variants (what CI runs)")
+    parser.add_argument("--remeasure", default="", help="variant names: run only these again and replace their rows")
     args = parser.parse_args()
+    only = [v for v in args.remeasure.split(",") if v]
     sizes = ["300m"] if args.quick else args.sizes.split(",")
     records = []
     for name in sizes:
         result = (WORK if args.quick else RESULTS) / f"{name}.json"
-        if result.is_file() and not args.quick:
+        if result.is_file() and not args.quick and not only:
             records.append(json.loads(result.read_text()))
             continue
-        record = measure(name, args.quick)
+        record = measure(name, args.quick, only)
+        if only and result.is_file():  # the new rows replace theirs in what was measured before
+            before = json.loads(result.read_text())
+            rows = {st["variant"]: st for st in before["stages"]} | {st["variant"]: st for st in record["stages"]}
+            gone = [n for n in before["not_measured"] if n.split(":")[0] not in only] + [n for n in record["not_measured"]]
+            record = before | {"stages": list(rows.values()), "not_measured": gone}
         result.parent.mkdir(parents=True, exist_ok=True)
         result.write_text(json.dumps(record, indent=2))
         records.append(record)

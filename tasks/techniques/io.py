@@ -95,13 +95,54 @@ def own_weights(model):
     those pages into private copies that stay resident as long as any tensor of the file lives,
     so packing the weights at save kept the dense ones too (1B: +0.7 GB; 8B: killed at 23.7 GB).
     With owned weights, compressing a layer frees its dense weights. Costs one copy at load.
+
+    The mapping itself lives until the last tensor of its shard is copied, so the pages already
+    copied are handed back as we go (release_mapped_pages): otherwise the copy holds the weights
+    twice (1B shape: a peak of 4.45 GB, 3.05 GB with the pages released; bf16 weights 2.35 GB).
     """
     import torch
 
+    mapped = checkpoint_mappings()
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.data = parameter.data.clone()
+            original = parameter.data
+            parameter.data = original.clone()
+            release_mapped_pages(original, mapped)
     return model
+
+
+def checkpoint_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's memory-mapped .safetensors files (Linux; none elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((low, high))
+    return ranges
+
+
+def release_mapped_pages(tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop the resident pages of a tensor that a checkpoint file maps, once it has been copied.
+
+    madvise(MADV_DONTNEED) on a file mapping only unmaps the pages from this process (they stay
+    in the page cache, and would be read from the file again if touched). Only whole pages that
+    lie inside this tensor's own bytes are released, so no other tensor loses a page.
+    """
+    import ctypes
+    import mmap
+
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    if not any(low <= start and start + size <= high for low, high in mapped):
+        return
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), mmap.MADV_DONTNEED)
 
 
 def save_model(model, tokenizer, out_dir: Path, **kwargs) -> None:
