@@ -292,7 +292,7 @@ class Loop:
         description = version_description(variant, Measured(target=target.name, runtime=runtime, metrics=metrics, reference=reference), build.key)
         version = register_variant(self.parent, self.recipe.name, self.recipe.sha(), variant, target, built[-1], run_id, build, card, description)
         if version.card_path:
-            self.outcome.cards[built[-1].sha] = WrittenCard(run_id=version.card_run, path=version.card_path)
+            self.outcome.cards[built[-1].sha] = WrittenCard(run_id=run_id, path=version.card_path)
         candidate = Candidate.measured(variant.name, version.version, metrics, reference, served, no_serving)
         self.outcome.candidates.setdefault(target.name, []).append(candidate)
         if no_serving.startswith("serving failed"):

@@ -41,8 +41,8 @@ class VersionRef(BaseModel):
     version: str
     source: str
     created: bool
-    # where this registration wrote the artifact's card ("" when the version reuses another's)
-    card_run: str = ""
+    # where this registration wrote the artifact's card in the run it was given ("" when the
+    # version reuses another's)
     card_path: str = ""
 
 
@@ -386,8 +386,7 @@ def register_variant(
     )
     mlflow.set_tag(run_id, f"{TAG}model_version", str(version.version))
     step_logger().info("registered %s version %s (%s@%s)", recipe_name, version.version, variant.name, target.name)
-    return VersionRef(name=recipe_name, version=str(version.version), source=source, created=True,
-                      card_run=run_id if card_path else "", card_path=card_path)
+    return VersionRef(name=recipe_name, version=str(version.version), source=source, created=True, card_path=card_path)
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
