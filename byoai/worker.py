@@ -1,6 +1,6 @@
 """The handlers a worker process runs (byoai.isolation forks workers from a server that has imported
 this module, so torch and transformers are imported once): `build` runs one technique
-(tasks.build.run_technique), `measure` one artifact in its runtime (tasks.runtimes.measure_request),
+(tasks.build.run_technique), `reload` the check of what it saved (tasks.build.run_reload_check), `measure` one artifact in its runtime (tasks.runtimes.measure_request),
 `materialize` a GGUF model into a folder (tasks.model.materialize_gguf), `serve` one artifact
 served to concurrent users (tasks.serving.measure_serving), `speculate` a main model with a draft
 (tasks.serving.measure_speculation).
@@ -16,12 +16,16 @@ import torch  # noqa: F401
 import transformers  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-from byoai.tasks.build import BuildRequest, run_technique
+from byoai.tasks.build import BuildRequest, ReloadRequest, run_reload_check, run_technique
 from byoai.tasks.runtimes import MeasureRequest, measure_request
 
 
 def _build(request: str):
     return run_technique(BuildRequest.model_validate_json(request))
+
+
+def _reload(request: str):
+    return run_reload_check(ReloadRequest.model_validate_json(request))
 
 
 def _measure(request: str):
@@ -47,4 +51,4 @@ def _speculate(request: str):
     return measure_speculation(ServeRequest.model_validate_json(request))
 
 
-HANDLERS = {"build": _build, "measure": _measure, "materialize": _materialize, "serve": _serve, "speculate": _speculate}
+HANDLERS = {"build": _build, "reload": _reload, "measure": _measure, "materialize": _materialize, "serve": _serve, "speculate": _speculate}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -75,43 +75,31 @@ class BuildRequest(BaseModel):
     calibration: TokensRef
     device: str
     base_model_dir: str
+    # where the worker leaves the built model's probe logits for the reload check (a file outside out_dir)
+    probe_file: str
 
 
 class BuildOutcome(BaseModel):
-    """What the worker built: its facts (reload check included), the format, or nothing new."""
+    """What the worker built: its facts, the format, or nothing new."""
 
     facts: dict[str, Any]
     format: str
     unchanged: bool  # the technique returned its input (baseline): the input is the artifact
+    reload_check: bool  # probe logits were left in probe_file: the saved folder is to be checked
 
 
-def release_built_model() -> None:
-    """Let go of the built model before the reload check loads the saved one: two copies of a
-    model at once would double the build's peak. Two references outlive llm-compressor's run:
-    its global session keeps the model it compressed until the next oneshot, and its sequential
-    pipeline's tracing calls torch.fx.wrap from a copy of the modeling module's namespace that
-    holds the model (`self`), which torch.fx registers in a module-level dict forever. Dropping
-    both frees the model object (1B shape: 0.2 GB less resident before the reload; 0.7 GB of its
-    packed weights are still held elsewhere). Nothing else of byoai's holds it."""
-    import gc
+class ReloadRequest(BaseModel):
+    """The reload check of a built folder, as its own worker process receives it."""
 
-    if "llmcompressor" in sys.modules:
-        from llmcompressor.core import active_session
-
-        active_session().reset()
-    if "torch.fx._symbolic_trace" in sys.modules:
-        from torch.fx import _symbolic_trace
-
-        # the namespaces of imported modules stay registered; generated ones (exec'd copies) go
-        modules = {id(getattr(m, "__dict__", None)) for m in list(sys.modules.values())}
-        for key, namespace in list(_symbolic_trace._wrapped_fns_to_patch.items()):
-            if id(namespace) not in modules:
-                del _symbolic_trace._wrapped_fns_to_patch[key]
-    gc.collect()
+    folder: str
+    probe_file: str
+    device: str
 
 
 def run_technique(request: BuildRequest) -> BuildOutcome:
-    """In the worker: run the technique into out_dir, then reload what it saved and compare."""
+    """In the worker: run the technique into out_dir; leave its probe logits for the reload check."""
+    import torch
+
     spec = TECHNIQUES[request.technique]
     ids = load_tokens(request.calibration)
     out = Path(request.out_dir)
@@ -120,15 +108,25 @@ def run_technique(request: BuildRequest) -> BuildOutcome:
     ))
     facts = json.loads(json.dumps(result.facts, default=str))
     unchanged = result.model_dir == Path(request.model_dir)
-    release_built_model()
-    if not unchanged:
-        if result.load_kwargs:
-            from byoai.tasks.techniques.io import write_load_kwargs
+    if not unchanged and result.load_kwargs:
+        from byoai.tasks.techniques.io import write_load_kwargs
 
-            write_load_kwargs(out, result.load_kwargs)
-        if result.probe_logits is not None:
-            facts.update(check_reload(out, result.probe_logits, probe_ids(ids), request.device, result.probe_dtype))
-    return BuildOutcome(facts=facts, format=result.format, unchanged=unchanged)
+        write_load_kwargs(out, result.load_kwargs)
+    reload_check = not unchanged and result.probe_logits is not None
+    if reload_check:
+        torch.save({"logits": result.probe_logits, "ids": probe_ids(ids), "dtype": result.probe_dtype}, request.probe_file)
+    return BuildOutcome(facts=facts, format=result.format, unchanged=unchanged, reload_check=reload_check)
+
+
+def run_reload_check(request: ReloadRequest) -> dict[str, float]:
+    """In a fresh worker: the saved folder against the built model's probe logits. Its own process,
+    so nothing the technique's libraries still hold (llm-compressor's session, torch.fx's wrapped
+    namespaces, allocator caches) sits beside the reloaded model: at 8B the in-process check was
+    the build's peak (GPTQ: 22.7 GB = 1.54 x the bf16 size, against 18.3 GB while calibrating)."""
+    import torch
+
+    probe = torch.load(request.probe_file)
+    return check_reload(Path(request.folder), probe["logits"], probe["ids"], request.device, probe["dtype"])
 
 
 def build_progress(technique: str):
@@ -181,16 +179,24 @@ def build_variant(
     with one_build_per_process(), atomic_folder(folder) as tmp:
         progress.from_task("building", technique)
         started = time.perf_counter()
-        request = BuildRequest(
-            technique=technique, params=config.model_dump(mode="json"), model_dir=model.path, out_dir=str(tmp),
-            calibration=calibration, device=device, base_model_dir=base.path,
-        )
-        outcome, peak, output = run_worker("build", request.model_dump_json(), name=f"byoai-{technique}", on_progress=build_progress(technique))
+        with tempfile.TemporaryDirectory(prefix="byoai-probe-") as probes:
+            request = BuildRequest(
+                technique=technique, params=config.model_dump(mode="json"), model_dir=model.path, out_dir=str(tmp),
+                calibration=calibration, device=device, base_model_dir=base.path, probe_file=str(Path(probes, "probe.pt")),
+            )
+            outcome, peak, output = run_worker("build", request.model_dump_json(), name=f"byoai-{technique}", on_progress=build_progress(technique))
+            if output.strip():
+                step_logger().debug("build worker output (%s):\n%s", technique, output[-10000:])
+            facts = outcome.facts | {"peak_mem_mb": round(peak / 1e6, 1)}
+            if outcome.reload_check:
+                progress.from_task("building", f"{technique}: reload check")
+                check = ReloadRequest(folder=str(tmp), probe_file=request.probe_file, device=device)
+                reloaded, reload_peak, _ = run_worker("reload", check.model_dump_json(), name=f"byoai-{technique}-reload")
+                # the step's peak is its largest process's: the technique's or the reload check's
+                facts |= reloaded | {
+                    "peak_mem_mb": round(max(peak, reload_peak) / 1e6, 1), "reload_peak_mem_mb": round(reload_peak / 1e6, 1),
+                }
         build_s = time.perf_counter() - started
-        if output.strip():
-            step_logger().debug("build worker output (%s):\n%s", technique, output[-10000:])
-        # the build's own peak resident memory, the reload check included
-        facts = outcome.facts | {"peak_mem_mb": round(peak / 1e6, 1)}
         if outcome.unchanged:
             built, sha, size = model.path, model.sha, folder_size_bytes(Path(model.path))
         else:
