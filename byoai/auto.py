@@ -105,6 +105,7 @@ def choose(recipe: Recipe, kinds: dict[str, str]) -> list[Choice]:
     size, the memory plan, and the time budget for the expensive kinds; the kept ones in cost order."""
     from byoai.memory import GGUF_BITS, gguf_size
     from byoai.plan import capacity_of, model_shape, plan_memory
+    from byoai.tasks.search import gguf_types
 
     shape = model_shape(recipe)
     plan = plan_memory(recipe, shape, list(recipe.targets), capacity_of)
@@ -131,9 +132,24 @@ def choose(recipe: Recipe, kinds: dict[str, str]) -> list[Choice]:
         choices.append(Choice(variant_dict, kind, included, why, size_mb, spent))
     # cheapest kinds first; within a kind the order in which a passing candidate leaves the least
     # room to the rest (tasks.search.RungSearch.room_to_improve): smallest first for smallest and
-    # fastest, largest first for best_quality
+    # fastest, largest first for best_quality. A GGUF type without an importance matrix whose
+    # twin with one is kept goes right after that twin, which, once measured, makes it redundant.
     direction = -1 if promotion.objective == "best_quality" else 1
-    kept = sorted((c for c in choices if c.included), key=lambda c: (BUILD_COST_S[c.kind], direction * c.size_mb))
+    layouts = {v.name: gguf_types(v) for v in recipe.variants}
+    # the GGUF layouts kept with an importance matrix -> that candidate's kind
+    with_imatrix = {layout[0]: c.kind for c in choices if c.included and (layout := layouts[c.variant["name"]]) and layout[1]}
+    twins = {}  # a plain GGUF candidate -> its layout, kept with an importance matrix too
+    for choice in choices:
+        layout = layouts[choice.variant["name"]]
+        if choice.included and layout is not None and not layout[1] and layout[0] in with_imatrix:
+            twins[choice.variant["name"]] = layout[0]
+            choice.why += "; after its twin with an importance matrix (skipped once that is measured)"
+
+    def order(choice: Choice) -> tuple:
+        twin = twins.get(choice.variant["name"])
+        return BUILD_COST_S[with_imatrix[twin] if twin else choice.kind], direction * choice.size_mb, twin is not None
+
+    kept = sorted((c for c in choices if c.included), key=order)
     return kept + [c for c in choices if not c.included]
 
 

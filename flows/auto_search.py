@@ -66,11 +66,11 @@ class AutoSearch:
             targets = []
             for target in self.loop.runnable(candidate):
                 planned = self.loop.memory.of(candidate.name, target.name)
-                no_room = self.searches[target.name].room_to_improve(planned.artifact / 1e6) if planned else None
-                if self.out_of_time(target):
-                    self.loop.skip_or_fail(candidate, target, "skipped", f"auto.time_budget_min ({self.auto.time_budget_min:g} min) reached before this candidate")
-                elif no_room:
+                no_room = self.searches[target.name].room_to_improve(candidate, planned.artifact / 1e6 if planned else None)
+                if no_room:  # a reason of its own, whatever the time left
                     self.loop.skip_or_fail(candidate, target, "skipped", no_room)
+                elif self.out_of_time(target):
+                    self.loop.skip_or_fail(candidate, target, "skipped", f"auto.time_budget_min ({self.auto.time_budget_min:g} min) reached before this candidate")
                 else:
                     targets.append(target)
             if targets:
@@ -96,6 +96,7 @@ class AutoSearch:
                     search.finish(trial, None)
                     continue
                 metrics = future.result()
+                search.measured(candidate)
                 delta = ppl_delta_pct(metrics, self.reference_at(target, rung))
                 why = search.report(trial, rung, delta, metrics)
                 if why is None:

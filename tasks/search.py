@@ -7,11 +7,12 @@ model version), so a re-run of the same search replays the same seeded proposals
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 from typing import Any
 
-from byoai.recipe import PromotionSpec, RangeSpec, SearchSpec
+from byoai.recipe import PromotionSpec, RangeSpec, SearchSpec, VariantSpec
 from byoai.tasks.promote import Candidate, objective_key, rejection
 
 WORST = 1e30
@@ -82,6 +83,20 @@ class Search:
 
 # How much smaller a file may be and still be better (RungSearch.room_to_improve).
 ROOM_BETTER = 0.85
+
+
+def gguf_types(candidate: VariantSpec) -> tuple[str, bool] | None:
+    """A GGUF candidate's file layout (its stages, the last one's imatrix flag left out) and
+    whether it quantizes with an importance matrix; None for a candidate that writes no GGUF.
+    Two candidates with one layout write files of the same types and size, so they decode at the
+    same speed; the importance matrix only changes how each type's values are chosen."""
+    last = candidate.stages[-1]
+    if last.technique != "gguf":
+        return None
+    params = dict(last.params)
+    imatrix = bool(params.pop("imatrix", False))
+    stages = [stage.model_dump(mode="json") for stage in candidate.stages[:-1]] + [{"technique": "gguf", "params": params}]
+    return json.dumps(stages, sort_keys=True), imatrix
 # What a rung of a `fastest` search adds to its perplexity: one short batch-1 decode.
 FASTEST_RUNG_LATENCY = {"prompt_tokens": 32, "new_tokens": 16, "warmup": 1, "repeats": 1}
 
@@ -111,16 +126,29 @@ class RungSearch:
         self.study = optuna.create_study(direction="minimize", pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
         self.finished = 0  # candidates that reached the final rung
         self.best: Candidate | None = None  # the best of them that passes the gate and budgets
+        self.with_imatrix: dict[str, str] = {}  # GGUF layouts measured with an importance matrix -> that candidate
 
-    def room_to_improve(self, estimated_mb: float) -> str | None:
-        """Why a candidate of this estimated size cannot beat the best so far (it is not built), or None.
+    def measured(self, candidate: VariantSpec) -> None:
+        """The candidate has numbers on this target (a rung or more, pruned or not)."""
+        if (types := gguf_types(candidate)) is not None and types[1]:
+            self.with_imatrix.setdefault(types[0], candidate.name)
 
-        On size alone, as GGUF files behave: smallest needs a smaller file; best_quality one at
-        least ROOM_BETTER as large (a type much smaller than the best one loses quality). Speed
+    def room_to_improve(self, candidate: VariantSpec, estimated_mb: float | None) -> str | None:
+        """Why this candidate of this estimated size cannot beat what was measured (it is not built), or None.
+
+        A GGUF without an importance matrix whose twin with one was measured: the same types, so
+        the same size and speed, and the importance matrix makes them at least as accurate (on
+        SmolLM2 × WikiText-2 the plain q4_k_m, q3_k_m and q2_k are +1.2, +1.7 and +15.2 points
+        of perplexity behind their imatrix twins: docs/auto.md), whichever the objective.
+        Then on size alone, as GGUF files behave: smallest needs a smaller file; best_quality one
+        at least ROOM_BETTER as large (a type much smaller than the best one loses quality). Speed
         does not follow size closely enough to skip on it (on a 2-core CPU SmolLM2's q8_0 decodes
-        faster than its q4_k_m): fastest skips nothing."""
+        faster than its q4_k_m): fastest skips nothing on size."""
+        if (types := gguf_types(candidate)) is not None and not types[1] and types[0] in self.with_imatrix:
+            twin = self.with_imatrix[types[0]]
+            return f"no room to improve: the same types as {twin} (same size and speed), measured first, which its importance matrix makes at least as accurate"
         best = self.best
-        if best is None:
+        if best is None or estimated_mb is None:
             return None
         objective = self.promotion.objective
         if objective == "smallest" and estimated_mb >= best.size_mb:

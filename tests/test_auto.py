@@ -44,37 +44,40 @@ def test_dry_run_lists_the_candidates_and_writes_nothing(workdir):
     assert not list(workdir.glob("*.auto.yaml")) and not (workdir / ".byoai" / "mlflow.db").exists()
 
 
-def test_auto_writes_its_recipe_prunes_at_rung_0_stops_at_the_time_budget_promotes_and_reruns_from_cache(workdir):
-    command = ["auto", "embedded", "--target", "cpu-x86", "--max-size-mb", "100", "--max-ppl-increase", "25",
+def test_auto_writes_its_recipe_prunes_at_rung_0_skips_a_redundant_twin_stops_at_the_time_budget_promotes_and_reruns_from_cache(workdir):
+    command = ["auto", "embedded", "--target", "cpu-x86", "--max-size-mb", "91", "--max-ppl-increase", "25",
                "--time-budget-min", "0.01", "--no-register"]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     path = workdir / "smollm2-135m-auto.auto.yaml"
     recipe = load_recipe(path)  # what it ran is a recipe like any other
-    assert recipe.auto.time_budget_min == 0.01 and recipe.promotion.max_size_mb == 100
+    assert recipe.auto.time_budget_min == 0.01 and recipe.promotion.max_size_mb == 91
     names = [v.name for v in recipe.variants]
-    assert names[:2] == ["gguf-q2_k", "gguf-q3_k_m"] and "gguf-q8_0" not in names  # cheapest kind first, smallest first
+    # cheapest kind first, smallest first; a plain GGUF type right after its twin with an imatrix
+    assert names[:4] == ["gguf-q4_0", "onnx-int4", "gguf-q2_k-imatrix", "gguf-q2_k"] and "gguf-q8_0" not in names
     client = MlflowClient(Settings().tracking())
     runs, parent = children(client, "smollm2-135m-auto")
-    # candidates that fail the gate or the budget end at rung 0; the first that passes goes through
-    # every rung and is promoted; the time budget then stops the search
-    finished = [n for n in names if runs[n]["byoai.status"] == "finished"]
-    assert len(finished) == 1, {n: runs[n]["byoai.status"] for n in names}
-    first = names.index(finished[0])
-    assert runs[finished[0]]["byoai.rung"] == "final" and runs[finished[0]]["byoai.search"] == "auto"
-    # q2_k (about +31 % on SmolLM2) fails the 25 % gate on rung 0's two windows: measured there only
-    assert first >= 1 and runs["gguf-q2_k"]["byoai.status"] == "pruned" and runs["gguf-q2_k"]["byoai.pruned"] == "true"
-    assert runs["gguf-q2_k"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): fails the gate on these windows")
-    for name in names[:first]:
-        assert runs[name]["byoai.status"] == "pruned" and runs[name]["byoai.rung"] == "0", runs[name]
-        assert runs[name]["metric.size_mb"] > 100 or runs[name]["metric.ppl_delta_pct"] > 25
+    # q4_0's file (93.5 MB) is over the budget and ONNX int4 (about +50 %) fails the gate, both on
+    # rung 0's two windows: measured there only
+    assert runs["gguf-q4_0"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): over budget (93.5 MB > max_size_mb 91)")
+    assert runs["onnx-int4"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): fails the gate on these windows")
+    for name in ("gguf-q4_0", "onnx-int4"):
+        assert runs[name]["byoai.status"] == "pruned" and runs[name]["byoai.pruned"] == "true" and runs[name]["byoai.rung"] == "0"
+    # the first that passes goes through every rung and is promoted
+    assert runs["gguf-q2_k-imatrix"]["byoai.status"] == "finished", {n: runs[n]["byoai.status"] for n in names}
+    assert runs["gguf-q2_k-imatrix"]["byoai.rung"] == "final" and runs["gguf-q2_k-imatrix"]["byoai.search"] == "auto"
+    # plain q2_k writes the same types: once its imatrix twin is measured it is not even built
+    assert runs["gguf-q2_k"]["byoai.status"] == "skipped"
+    assert runs["gguf-q2_k"]["byoai.reason"].startswith("no room to improve: the same types as gguf-q2_k-imatrix")
     states = task_states(parent.data.tags["prefect.flow_run_id"])
-    assert "evaluate-gguf-q2_k@cpu-x86-llama_cpp-rung0" in states
-    assert not any(n.startswith("evaluate-gguf-q2_k@") and not n.endswith("rung0") for n in states), states
+    assert "evaluate-gguf-q4_0@cpu-x86-llama_cpp-rung0" in states and not any(n.startswith("build-gguf-q2_k-0") for n in states), states
+    assert not any(n.startswith("evaluate-gguf-q4_0@") and not n.endswith("rung0") for n in states), states
     assert "pruned: pruned at rung 0" in " ".join(result.output.split())
-    assert all(runs[n]["byoai.status"] == "skipped" and "auto.time_budget_min (0.01 min) reached" in runs[n]["byoai.reason"] for n in names[first + 1:])
+    # then the time budget stops the search
+    assert all(runs[n]["byoai.status"] == "skipped" for n in names[4:])
+    assert "auto.time_budget_min (0.01 min) reached" in runs["gguf-q3_k_m-imatrix"]["byoai.reason"]
     champion = client.get_model_version_by_alias("smollm2-135m-auto", "champion-cpu-x86")
-    assert champion.tags["byoai.variant"] == finished[0]
+    assert champion.tags["byoai.variant"] == "gguf-q2_k-imatrix"
     assert "beats the input file" in " ".join(result.output.split())  # the embedded Q4_1 file is 98.4 MB
 
     # the written recipe is not overwritten without --force
@@ -110,3 +113,21 @@ def test_rungs_grow_and_optunas_pruner_ranks_what_passes_the_gate():
     assert rung0("q2_k", 60.0, 38.0).startswith("fails the gate on these windows (+38.0 % > 5 %)")
     assert rung0("q6_k", 120.0, 1.0) is None  # smaller than the best so far
     assert rung0("q6_k-copy", 150.0, 1.0) == "ranked out by successive halving"  # larger than every passing one
+
+
+def test_a_plain_gguf_type_is_redundant_once_its_imatrix_twin_is_measured():
+    from byoai.recipe import AutoSpec, PromotionSpec, VariantSpec
+    from byoai.tasks.search import RungSearch
+
+    def gguf(name: str, **params) -> VariantSpec:
+        return VariantSpec.model_validate({"name": name, "technique": "gguf", "params": params})
+
+    search = RungSearch(AutoSpec(), PromotionSpec.model_validate({"gate": {"max_ppl_increase_pct": 5}, "objective": "fastest"}))
+    plain, q3 = gguf("q4_k_m", quant_type="q4_k_m"), gguf("q3_k_m", quant_type="q3_k_m")
+    assert search.room_to_improve(plain, 107.0) is None  # nothing measured yet
+    search.measured(gguf("q4_k_m-imatrix", quant_type="q4_k_m", imatrix=True))
+    assert search.room_to_improve(plain, 107.0).startswith("no room to improve: the same types as q4_k_m-imatrix")
+    assert search.room_to_improve(q3, 95.0) is None  # other types: fastest skips nothing on size
+    chained = VariantSpec.model_validate({"name": "pruned-q4_k_m", "stages": [
+        {"technique": "magnitude", "params": {"sparsity": 0.5}}, {"technique": "gguf", "params": {"quant_type": "q4_k_m"}}]})
+    assert search.room_to_improve(chained, 107.0) is None  # another input: another file

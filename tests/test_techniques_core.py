@@ -13,6 +13,29 @@ def test_rtn_artifact_reloads_exactly_and_reports_facts(tiny_bench):
     assert 0 <= artifact.facts["sparsity"] < 0.2
 
 
+def test_packed_checkpoint_loads_decompressed_as_transformers_would(tiny_bench):
+    """load_model decompresses llm-compressor's packed int4 module by module right after loading
+    (handing back the packed pages, tasks.techniques.io.decompress_releasing_pages); the model it
+    returns computes exactly what transformers' own first-forward decompression computes."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from byoai.tasks.techniques.io import load_model
+
+    folder = Path(tiny_bench.build("rtn", {"bits": 4, "group_size": 32}).path)
+    ours, _ = load_model(folder)
+    assert not hasattr(ours, "ct_decompress_hook")  # nothing left to decompress at the first forward
+    projection = ours.model.layers[0].mlp.down_proj
+    assert not hasattr(projection, "weight_packed") and projection.weight.dtype == torch.float32
+    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert hasattr(theirs, "ct_decompress_hook")
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
 def test_chain_stage_feeds_the_next(tiny_bench):
     first = tiny_bench.build("rtn", {"bits": 8, "group_size": 32})
     second = tiny_bench.build("gptq", {"bits": 4, "group_size": 32}, model=first.as_model())
