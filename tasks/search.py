@@ -181,6 +181,19 @@ class RungSearch:
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return why
 
+    def forget_rungs(self, trial) -> None:
+        """A candidate that passed its rungs but fails the gate or a budget on the full protocol:
+        its rung values become the worst, so they rank no later candidate out. Optuna's
+        successive halving compares a rung value with every trial's value at that rung, whatever
+        became of that trial (session 12: a q4_0 at +6 % on two windows and +12.5 % in full kept
+        q3_k_m-imatrix, +4.6 % in full, from the final rung, and `smallest` ended with no
+        champion). Optuna has no public call for it: its storage holds the rung values as the
+        trial's `completed_rung_<n>` system attributes, which its pruners read."""
+        storage = self.study._storage
+        for key in storage.get_trial(trial._trial_id).system_attrs:
+            if key.startswith("completed_rung_"):
+                storage.set_trial_system_attr(trial._trial_id, key, WORST)
+
     def finish(self, trial, candidate: Candidate | None) -> None:
         """The candidate's full measurement (None: it failed); scored like a search trial."""
         import optuna
@@ -190,6 +203,7 @@ class RungSearch:
             return
         self.finished += 1
         if rejection(candidate, self.promotion) is not None:
+            self.forget_rungs(trial)
             self.study.tell(trial, WORST)
             return
         if self.best is None or objective_key(self.promotion)(candidate) < objective_key(self.promotion)(self.best):

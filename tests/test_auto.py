@@ -115,6 +115,27 @@ def test_rungs_grow_and_optunas_pruner_ranks_what_passes_the_gate():
     assert rung0("q6_k-copy", 150.0, 1.0) == "ranked out by successive halving"  # larger than every passing one
 
 
+def test_a_candidate_that_fails_the_gate_in_full_ranks_no_later_one_out():
+    from byoai.recipe import AutoSpec, PromotionSpec
+    from byoai.tasks.evaluate import Metrics
+    from byoai.tasks.promote import Candidate
+    from byoai.tasks.search import RungSearch
+
+    promotion = PromotionSpec.model_validate({"gate": {"max_ppl_increase_pct": 10}, "objective": "smallest"})
+    search = RungSearch(AutoSpec(), promotion)
+
+    def rung0(trial, size_mb: float, delta: float) -> str | None:
+        metrics = Metrics(ppl=20.0, ppl_tokens=1024, load_s=0.1, prefill_ms=0.0, decode_tok_s=0.0, device="cpu", size_mb=size_mb, runtime="llama_cpp")
+        return search.report(trial, 0, delta, metrics)
+
+    q4_0 = search.start("q4_0")
+    assert rung0(q4_0, 93.5, 6.1) is None  # within the gate on two windows ...
+    search.finish(q4_0, Candidate(variant="q4_0", version="1", runtime="llama_cpp", ppl=31.0, ppl_delta_pct=12.5, size_mb=93.5, decode_tok_s=100.0))
+    assert search.best is None  # ... not in full
+    # without forgetting q4_0's rung value, 95.3 MB would be ranked out behind 93.5 MB
+    assert rung0(search.start("q3_k_m-imatrix"), 95.3, 2.4) is None
+
+
 def test_a_plain_gguf_type_is_redundant_once_its_imatrix_twin_is_measured():
     from byoai.recipe import AutoSpec, PromotionSpec, VariantSpec
     from byoai.tasks.search import RungSearch
