@@ -1,7 +1,8 @@
 """The handlers a worker process runs (byoai.isolation forks workers from a server that has imported
 this module, so torch and transformers are imported once): `build` runs one technique
-(tasks.build.run_technique), `reload` the check of what it saved (tasks.build.run_reload_check), `measure` one artifact in its runtime (tasks.runtimes.measure_request),
-`materialize` a GGUF model into a folder (tasks.model.materialize_gguf), `serve` one artifact
+(tasks.build.run_technique), `reload` the check of what it saved (tasks.build.run_reload_check),
+`measure` one artifact in its runtime (tasks.runtimes.measure_request), `materialize` a GGUF model
+into a folder (tasks.model.materialize_gguf), `serve` one artifact
 served to concurrent users (tasks.serving.measure_serving), `speculate` a main model with a draft
 (tasks.serving.measure_speculation).
 """

@@ -191,7 +191,9 @@ def build_variant(
             if outcome.reload_check:
                 progress.from_task("building", f"{technique}: reload check")
                 check = ReloadRequest(folder=str(tmp), probe_file=request.probe_file, device=device)
-                reloaded, reload_peak, _ = run_worker("reload", check.model_dump_json(), name=f"byoai-{technique}-reload")
+                reloaded, reload_peak, output = run_worker("reload", check.model_dump_json(), name=f"byoai-{technique}-reload")
+                if output.strip():
+                    step_logger().debug("reload check output (%s):\n%s", technique, output[-10000:])
                 # the step's peak is its largest process's: the technique's or the reload check's
                 facts |= reloaded | {
                     "peak_mem_mb": round(max(peak, reload_peak) / 1e6, 1), "reload_peak_mem_mb": round(reload_peak / 1e6, 1),

@@ -84,6 +84,9 @@ class Search:
 # How much smaller a file may be and still be better (RungSearch.room_to_improve).
 ROOM_BETTER = 0.85
 
+# What a rung of a `fastest` search adds to its perplexity: one short batch-1 decode.
+FASTEST_RUNG_LATENCY = {"prompt_tokens": 32, "new_tokens": 16, "warmup": 1, "repeats": 1}
+
 
 def gguf_types(candidate: VariantSpec) -> tuple[str, bool] | None:
     """A GGUF candidate's file layout (its stages, the last one's imatrix flag left out) and
@@ -97,8 +100,6 @@ def gguf_types(candidate: VariantSpec) -> tuple[str, bool] | None:
     imatrix = bool(params.pop("imatrix", False))
     stages = [stage.model_dump(mode="json") for stage in candidate.stages[:-1]] + [{"technique": "gguf", "params": params}]
     return json.dumps(stages, sort_keys=True), imatrix
-# What a rung of a `fastest` search adds to its perplexity: one short batch-1 decode.
-FASTEST_RUNG_LATENCY = {"prompt_tokens": 32, "new_tokens": 16, "warmup": 1, "repeats": 1}
 
 
 class RungSearch:

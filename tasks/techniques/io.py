@@ -65,15 +65,15 @@ def decompress_releasing_pages(model) -> None:
     1.31 x the bf16 size). The loop is compressed-tensors' own (ModelCompressor.decompress_model,
     single process) plus the release; the hook is removed as that function removes it.
     """
-    hook_owner = getattr(model, "hf_quantizer", None)
-    if not hasattr(model, "ct_decompress_hook") or hook_owner is None:
+    quantizer = getattr(model, "hf_quantizer", None)
+    if not hasattr(model, "ct_decompress_hook") or quantizer is None:
         return
     from compressed_tensors.compressors.base import decompress_module
     from compressed_tensors.offload import from_accelerate
     from compressed_tensors.quantization import QuantizationStatus
     from compressed_tensors.quantization.utils.helpers import is_module_quantized
 
-    compressor = hook_owner.compressor
+    compressor = quantizer.compressor
     from_accelerate(model)
     mapped = checkpoint_mappings()
     for module in [m for m in model.modules() if is_module_quantized(m)]:
