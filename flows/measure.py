@@ -408,9 +408,9 @@ class Loop:
         return drafts + ([("ngram", "", "")] if spec.ngram else [])
 
     def record_pair(self, variant: VariantSpec, draft: str, file: str, target: TargetProfile, build, future) -> None:
-        """A pair that is measurably faster (MIN_SPEEDUP) with identical output becomes a version of
-        its own (draft.gguf beside model.gguf, the server flags in server-args.json); any other is
-        a row saying why not, with its numbers."""
+        """A pair with identical output, accepted draft tokens and a measurable speed-up (MIN_SPEEDUP)
+        becomes a version of its own (draft.gguf beside model.gguf, the server flags in
+        server-args.json); any other is a row saying why not, with its numbers."""
         pair_variant = VariantSpec(name=f"{variant.name}-spec-{draft}", stages=variant.stages)
         future.wait()
         if future.state.is_failed():
@@ -421,6 +421,8 @@ class Loop:
         pair = measured.pair
         facts = f"acceptance {pair.acceptance:.2f} ({pair.accepted}/{pair.drafted}), {pair.speedup:.2f}x {variant.name}'s 1-user decode"
         why = (f"greedy output differs from {variant.name} alone ({pair.first_difference}); {facts}" if not pair.identical
+               # a draft whose tokens are never accepted cannot speed decoding up: its speed-up is noise
+               else f"the main model accepted none of the draft's tokens ({facts}; identical output)" if pair.accepted == 0
                else f"not measurably faster than {variant.name} alone ({facts} < {MIN_SPEEDUP:g}x; identical output)" if pair.speedup < MIN_SPEEDUP
                else None)
         if why is not None:
