@@ -142,6 +142,7 @@ class PlanContext:
     device: str  # the target's device: where builds and runtimes put the weights
     dtype: str  # what the target runs a save_pretrained folder in (its profile's dtype, resolved)
     input_bytes: int  # the stage input's size on disk (the base model's for the first stage)
+    host_capacity: int  # the host RAM the plan is for: this worker's available, or the target profile's
 
 
 def gb(n: int) -> str:
@@ -244,6 +245,43 @@ def layer_activations_bytes(ctx: PlanContext) -> int:
     """The calibration windows' inputs and outputs of one layer, as the sequential pipeline keeps them."""
     w = ctx.windows
     return 2 * w.calibration_samples * w.calibration_seq_len * ctx.shape.hidden * 4
+
+
+# A layer-by-layer technique leaves its weights on disk (one layer in memory at a time) when they
+# would take more than this share of the host RAM available; the same rule for llm-compressor's
+# disk cache and GPTQModel's offload_to_disk. On a CPU a layer's calibration dwarfs reading and
+# writing it (8B GPTQ: ~77 s per layer against ~1 s of disk), so a third already goes to disk and
+# leaves the RAM to other steps; on a GPU, where a layer takes seconds, only weights that would
+# not fit in host RAM do. Below it the weights stay in memory: no disk to pay.
+OFFLOAD_SHARE = {"cpu": 1 / 3, "cuda": 0.8}
+
+
+def offloads_to_disk(setting: str, weight_bytes: int, available: int, device: str) -> bool:
+    """Whether a technique's `offload` setting (auto / disk / memory) puts the weights on disk."""
+    if setting == "auto":
+        return weight_bytes > OFFLOAD_SHARE[device] * available
+    return setting == "disk"
+
+
+def offloaded_layerwise(note: str, hessians: bool = False, artifact=None, hessian_copies: int = 0) -> callable:
+    """A layer-by-layer technique whose weights stay on disk: llm-compressor's sequential pipeline
+    onloads one decoder layer at a time from the checkpoint (updated layers are written to a disk
+    cache), so the process holds one layer, the embedding or head when that subgraph runs, the
+    layer's Hessians and activations; then, at save, the compressed model (`artifact`) as
+    transformers gathers it."""
+
+    def footprint(config, ctx: PlanContext) -> Footprint:
+        shape = ctx.shape
+        layer = shape.linear_params // max(shape.layers, 1) * shape.dtype_bytes
+        embedding = shape.vocab * shape.hidden * shape.dtype_bytes
+        working = (hessians_bytes(shape, hessian_copies) if hessians else 0) + layer_activations_bytes(ctx)
+        size = artifact(config, shape) if artifact else ctx.input_bytes
+        why = f"{note}; weights on disk, one layer ({gb(layer)}) in memory at a time, then the {gb(size)} compressed model at save"
+        if ctx.device == "cpu":
+            return Footprint(host=PROCESS_BYTES + max(layer + embedding + working, size), why=why, artifact=size)
+        return Footprint(host=PROCESS_BYTES + max(layer + embedding, size), device=layer + working + forward_bytes(ctx), why=why, artifact=size)
+
+    return footprint
 
 
 def calibrates_layerwise(note: str, hessians: bool = False, artifact=None, hessian_copies: int = 0) -> callable:

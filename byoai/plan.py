@@ -105,8 +105,9 @@ def plan_memory(recipe: Recipe, shape: ModelShape, targets: list[TargetProfile],
     plan = MemoryPlan(shape=shape)
     windows = windows_of(recipe)
     for target in targets:
-        ctx = PlanContext(shape=shape, windows=windows, device=target.device, dtype=target_dtype(target, shape), input_bytes=shape.bytes_in(shape.dtype))
         room = capacity(target)
+        ctx = PlanContext(shape=shape, windows=windows, device=target.device, dtype=target_dtype(target, shape), input_bytes=shape.bytes_in(shape.dtype),
+                          host_capacity=room.host)
         # the reference: transformers where it fits, else llama.cpp on its own-dtype GGUF
         chosen = None
         for runtime in (REFERENCE_RUNTIME, "llama_cpp"):

@@ -77,10 +77,29 @@ def test_gptq_gptqmodel_8bit_checked_against_dequantized_weights(tiny_bench, cap
     _assert_reloads_and_runs(tiny_bench, artifact)
 
 
-def test_gptq_llmcompressor_stays_the_default(tiny_bench):
+def test_gptq_llmcompressor_stays_the_default_and_can_keep_the_weights_on_disk(tiny_bench):
+    from safetensors.torch import load_file
+
     artifact = tiny_bench.build("gptq", {"bits": 4, "group_size": 32})
     assert artifact.facts["backend"] == "llmcompressor" and artifact.facts["format"] == "compressed-tensors"
     assert artifact.facts["reload_rel_err"] <= RELOAD_TOLERANCE
+    assert artifact.facts["weights"] == "memory"  # offload auto: the tiny model is far below a third of the RAM
+    # compressed-tensors' disk cache: the same GPTQ, one layer in memory at a time
+    on_disk = tiny_bench.build("gptq", {"bits": 4, "group_size": 32, "offload": "disk"})
+    assert on_disk.facts["weights"] == "disk" and on_disk.facts["reload_rel_err"] <= RELOAD_TOLERANCE
+    assert not list(Path(on_disk.path).parent.glob(".offload-*"))  # its disk cache is removed
+    in_memory, offloaded = load_file(Path(artifact.path) / "model.safetensors"), load_file(Path(on_disk.path) / "model.safetensors")
+    assert in_memory.keys() == offloaded.keys()
+    # the same observer scales; GPTQ's rounding may differ where float sums do (as between two in-memory runs)
+    scales = [k for k in in_memory if k.endswith("weight_scale")]
+    assert scales and all((in_memory[k] == offloaded[k]).all() for k in scales)
+    packed = [k for k in in_memory if k.endswith("weight_packed")]
+    same = sum(int((in_memory[k] == offloaded[k]).sum()) for k in packed) / sum(in_memory[k].numel() for k in packed)
+    assert same > 0.5, same
+    # an earlier stage's compressed output is decoded in memory: it cannot stay on disk
+    first = tiny_bench.build("rtn", {"bits": 8, "group_size": 32})
+    with pytest.raises(TechniqueError, match="offload: disk needs a plain checkpoint"):
+        tiny_bench.build("gptq", {"bits": 4, "group_size": 32, "offload": "disk"}, model=first.as_model())
 
 
 def test_gptqmodel_stage_after_a_compressed_tensors_stage(tiny_bench):

@@ -146,7 +146,7 @@ def _run_gptqmodel(inputs: BuildInputs) -> BuildResult:
         group_size=config.group_size,
         sym=not config.zero_point,
         format=FORMAT.GEMM,  # the AutoAWQ GEMM layout transformers loads
-        offload_to_disk=gptqmodel_backend.offload_to_disk(inputs.model_dir),
+        offload_to_disk=gptqmodel_backend.offload_to_disk("auto", inputs),
     )
     if inputs.device == "cuda":
         # GPTQModel picks its fast CUDA AWQ kernel; AWQ kernels compute in float16.

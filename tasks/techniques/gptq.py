@@ -36,6 +36,11 @@ class GptqConfig(WeightQuantConfig):
     # (desc_act: a g_idx permutation at inference); "group_aware" is GPTQModel's own
     # group-aware reordering (GAR, its default; no inference cost; gptqmodel backend only).
     actorder: Literal["static", "group", "none", "group_aware"] = "static"
+    # Where the weights wait while one layer at a time is calibrated: "memory" (all of them in
+    # RAM), "disk" (llmcompressor: compressed-tensors' disk cache, read from the checkpoint and
+    # written back per layer; gptqmodel: its offload_to_disk), or "auto": disk when the weights
+    # take more than a third of the RAM available (byoai.memory.offloads_to_disk).
+    offload: Literal["auto", "disk", "memory"] = "auto"
 
 
 def _gptqmodel_ordering(config: GptqConfig) -> dict:
@@ -75,7 +80,7 @@ def _run_gptqmodel(inputs: BuildInputs) -> BuildResult:
         group_size=config.group_size,
         sym=config.symmetric,
         damp_percent=config.dampening_frac,
-        offload_to_disk=gptqmodel_backend.offload_to_disk(inputs.model_dir),
+        offload_to_disk=gptqmodel_backend.offload_to_disk(config.offload, inputs),
         **_gptqmodel_ordering(config),
     )
     # GPTQModel's defaults: bfloat16 on CPU (its CPU int4 kernel computes in bfloat16 anyway, and
@@ -107,7 +112,7 @@ def run(inputs: BuildInputs) -> BuildResult:
         block_size=config.block_size,
         actorder=None if config.actorder == "none" else config.actorder,
     )
-    result = quantize_with_llmcompressor(inputs, factory, calibrate=True)
+    result = quantize_with_llmcompressor(inputs, factory, calibrate=True, offload=config.offload)
     return dataclasses.replace(result, facts={**result.facts, "backend": "llmcompressor", "actorder": config.actorder})
 
 
@@ -118,7 +123,7 @@ TECHNIQUE = Technique(
     # llm-compressor 0.14's GPTQ holds three more float32 copies of the largest (down_proj's)
     # Hessian at once: the stacked working buffer and activation ordering's two gathers
     # (measured: ~1.1 GB above the steady state per layer at the 1B shape, intermediate 8192)
-    footprint=weight_quant_footprint(calibrated=True, hessians=True, hessian_copies=3),
+    footprint=weight_quant_footprint(calibrated=True, hessians=True, hessian_copies=3, offloadable=True),
     run=run,
     devices=frozenset({"cpu", "cuda"}),
     needs_calibration=True,

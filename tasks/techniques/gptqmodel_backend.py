@@ -87,14 +87,18 @@ def calibration_rows(calibration_ids) -> list[dict[str, list[int]]]:
     return [{"input_ids": row, "attention_mask": [1] * len(row)} for row in calibration_ids.tolist()]
 
 
-def offload_to_disk(model_dir: Path) -> bool:
-    """GPTQModel's offload_to_disk (each finished layer to a temporary folder) for a checkpoint
-    that takes more than a third of this worker's free RAM; a small model would only pay the disk
-    time (4x on the tiny model)."""
+def offload_to_disk(setting: str, inputs: BuildInputs) -> bool:
+    """GPTQModel's offload_to_disk (each finished layer to a temporary folder) as the `offload`
+    setting says; `auto`: byoai.memory.offloads_to_disk's rule (a small model would only pay the
+    disk time: 4x on the tiny model)."""
     from byoai.hostmem import available_bytes
+    from byoai.memory import offloads_to_disk
 
-    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    return weights * 3 > available_bytes()
+    return offloads_to_disk(setting, checkpoint_bytes(inputs.model_dir), available_bytes(), inputs.device)
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
 @contextmanager
@@ -105,12 +109,9 @@ def plain_input(inputs: BuildInputs, model, tokenizer):
     dense, as load_stage_input decoded it, into a temporary folder removed afterwards. The caller
     can drop its own model inside the block: GPTQModel loads its own copy.
     """
-    from transformers import AutoConfig
+    from byoai.tasks.techniques.io import is_plain_checkpoint, save_model
 
-    from byoai.tasks.techniques.io import load_kwargs, save_model
-
-    plain = getattr(AutoConfig.from_pretrained(inputs.model_dir, **hf_load_kwargs()), "quantization_config", None) is None
-    if plain and not load_kwargs(inputs.model_dir):
+    if is_plain_checkpoint(inputs.model_dir):
         del model  # this frame lives as long as the block: hold no reference to the model
         yield inputs.model_dir
         return

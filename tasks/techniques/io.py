@@ -54,6 +54,33 @@ def load_model(model_dir: Path, **kwargs):
     return model.eval(), AutoTokenizer.from_pretrained(model_dir, **hf_load_kwargs())
 
 
+def is_plain_checkpoint(model_dir: Path) -> bool:
+    """A save_pretrained folder of ordinary weights: no quantization config, nothing applied at load."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, **hf_load_kwargs())
+    return getattr(config, "quantization_config", None) is None and not load_kwargs(Path(model_dir))
+
+
+def load_offloaded(model_dir: Path, offload_dir: Path):
+    """A plain checkpoint whose weights stay on disk: compressed-tensors' disk cache (through
+    llm-compressor's documented `load_offloaded_model`) reads each module from the checkpoint when
+    it runs and writes updated weights to `offload_dir`. No host RAM is budgeted for weights, so
+    every decoder layer is on disk and llm-compressor's sequential pipeline onloads one at a time."""
+    import torch
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from byoai.tasks.techniques import model_loading
+
+    with load_offloaded_model(), model_loading():
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=getattr(torch, checkpoint_dtype(model_dir)), device_map="auto_offload", max_memory={"cpu": 0},
+            offload_folder=str(offload_dir), **hf_load_kwargs(),
+        )
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir, **hf_load_kwargs())
+
+
 def decompress_releasing_pages(model) -> None:
     """Decompress a packed compressed-tensors model now, module by module, handing back each
     module's packed checkpoint pages as soon as its dense weight exists.

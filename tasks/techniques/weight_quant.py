@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -198,34 +199,65 @@ def _sparse_gptq(enabled: bool):
         gq.apply_activation_ordering, gq.gptq_block_update = original_ordering, original_update
 
 
-def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate: bool) -> BuildResult:
+def quantize_with_llmcompressor(inputs: BuildInputs, modifier_factory, calibrate: bool, offload: str = "memory") -> BuildResult:
     """Load, check layers, run llmcompressor's oneshot with one modifier, save compressed."""
-    from byoai.tasks.techniques.io import load_stage_input, own_weights, saved
+    from byoai.tasks.techniques.io import saved
 
     config: WeightQuantConfig = inputs.config
-    model, tokenizer = load_stage_input(inputs.model_dir)
-    own_weights(model)
-    layers = quantizable_layers(model, config)
-    modifier = modifier_factory(config_groups=quantization_scheme(config), ignore=list(config.ignore))
-    # a pruned input stays pruned (a sparse24 -> gptq chain keeps its 2:4 mask)
-    with keep_pruned_zeros(model, layers) as sparsity_facts:
-        run_oneshot(model, [modifier], inputs.calibration_ids if calibrate else None)
-    return saved(model, tokenizer, inputs, save_compressed=True, probe_first=True,
-        facts={
-            "format": "compressed-tensors",
-            "library": f"llmcompressor {version('llmcompressor')}",
-            "quantized_layers": len(layers),
-            "ignored": list(config.ignore),
-            **sparsity_facts,
-        },
-    )
+    with layerwise_input(inputs, offload) as (model, tokenizer, weights):
+        layers = quantizable_layers(model, config)
+        modifier = modifier_factory(config_groups=quantization_scheme(config), ignore=list(config.ignore))
+        # a pruned input stays pruned (a sparse24 -> gptq chain keeps its 2:4 mask)
+        with keep_pruned_zeros(model, layers) as sparsity_facts:
+            run_oneshot(model, [modifier], inputs.calibration_ids if calibrate else None)
+        return saved(model, tokenizer, inputs, save_compressed=True, probe_first=True,
+            facts={
+                "format": "compressed-tensors",
+                "library": f"llmcompressor {version('llmcompressor')}",
+                "quantized_layers": len(layers),
+                "ignored": list(config.ignore),
+                "weights": weights,
+                **sparsity_facts,
+            },
+        )
 
 
-def weight_quant_footprint(calibrated: bool, hessians: bool = False, hessian_copies: int = 0):
+@contextmanager
+def layerwise_input(inputs: BuildInputs, offload: str):
+    """The stage input for llm-compressor's sequential pipeline, and where its weights wait
+    ("memory" or "disk", as `offload` decides: byoai.memory.offloads_to_disk).
+
+    In memory, every parameter gets its own pages (own_weights). On disk, the checkpoint's modules
+    are read when their layer runs and updated ones are written to a folder beside the output
+    (not /tmp, which may be RAM), removed afterwards. Only a plain checkpoint can stay on disk:
+    an earlier stage's compressed output is decoded in memory."""
+    import tempfile
+
+    from byoai.hostmem import available_bytes
+    from byoai.memory import offloads_to_disk
+    from byoai.tasks.techniques.gptqmodel_backend import checkpoint_bytes
+    from byoai.tasks.techniques.io import is_plain_checkpoint, load_offloaded, load_stage_input, own_weights
+
+    source = Path(inputs.model_dir)
+    if offloads_to_disk(offload, checkpoint_bytes(source), available_bytes(), inputs.device):
+        if is_plain_checkpoint(source):
+            with tempfile.TemporaryDirectory(prefix=".offload-", dir=Path(inputs.out_dir).parent) as folder:
+                model, tokenizer = load_offloaded(source, Path(folder))
+                yield model, tokenizer, "disk"
+                return
+        if offload == "disk":
+            raise TechniqueError(f"offload: disk needs a plain checkpoint as the stage's input, and {source} is compressed; "
+                                 "use offload: memory (or auto) for a stage after a compressing one")
+    model, tokenizer = load_stage_input(source)
+    yield own_weights(model), tokenizer, "memory"
+
+
+def weight_quant_footprint(calibrated: bool, hessians: bool = False, hessian_copies: int = 0, offloadable: bool = False):
     """rtn / gptq / awq: the model whole in its dtype, calibrated one layer at a time (GPTQ with
-    that layer's Hessians and working copies); the file holds `bits` per Linear weight plus a
-    16-bit scale per group."""
-    from byoai.memory import calibrates_layerwise, loads_model, quantized_size
+    that layer's Hessians and working copies), or, `offloadable` and when its config's `offload`
+    puts the weights on disk, one layer of it at a time; the file holds `bits` per Linear weight
+    plus a 16-bit scale per group."""
+    from byoai.memory import calibrates_layerwise, loads_model, offloaded_layerwise, offloads_to_disk, quantized_size
 
     def artifact(config, shape):
         return quantized_size(shape, config.bits + 16 / (config.group_size if config.group_size > 0 else shape.hidden))
@@ -239,5 +271,13 @@ def weight_quant_footprint(calibrated: bool, hessians: bool = False, hessian_cop
             return replace(dense(config, ctx), artifact=artifact(config, ctx.shape))
 
         return footprint
-    return calibrates_layerwise("calibrated one layer at a time (llm-compressor's sequential pipeline)", hessians=hessians, artifact=artifact,
-                                hessian_copies=hessian_copies)
+    note = "calibrated one layer at a time (llm-compressor's sequential pipeline)"
+    in_memory = calibrates_layerwise(note, hessians=hessians, artifact=artifact, hessian_copies=hessian_copies)
+    if not offloadable:
+        return in_memory
+    on_disk = offloaded_layerwise(note, hessians=hessians, artifact=artifact, hessian_copies=hessian_copies)
+
+    def footprint(config, ctx):
+        return (on_disk if offloads_to_disk(config.offload, ctx.input_bytes, ctx.host_capacity, ctx.device) else in_memory)(config, ctx)
+
+    return footprint
