@@ -39,7 +39,8 @@ class GptqConfig(WeightQuantConfig):
     # Where the weights wait while one layer at a time is calibrated: "memory" (all of them in
     # RAM), "disk" (llmcompressor: compressed-tensors' disk cache, read from the checkpoint and
     # written back per layer; gptqmodel: its offload_to_disk), or "auto": disk when the weights
-    # take more than a third of the RAM available (byoai.memory.offloads_to_disk).
+    # take more than a third of the RAM available on a CPU, 80 % of it on a GPU worker
+    # (byoai.memory.offloads_to_disk).
     offload: Literal["auto", "disk", "memory"] = "auto"
 
 

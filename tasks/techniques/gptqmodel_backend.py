@@ -93,12 +93,9 @@ def offload_to_disk(setting: str, inputs: BuildInputs) -> bool:
     disk time: 4x on the tiny model)."""
     from byoai.hostmem import available_bytes
     from byoai.memory import offloads_to_disk
+    from byoai.tasks.techniques.io import checkpoint_bytes
 
     return offloads_to_disk(setting, checkpoint_bytes(inputs.model_dir), available_bytes(), inputs.device)
-
-
-def checkpoint_bytes(model_dir: Path) -> int:
-    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
 @contextmanager

@@ -62,6 +62,11 @@ def is_plain_checkpoint(model_dir: Path) -> bool:
     return getattr(config, "quantization_config", None) is None and not load_kwargs(Path(model_dir))
 
 
+def checkpoint_bytes(model_dir: Path) -> int:
+    """The weights' size on disk: what a technique would hold in memory, in the checkpoint's dtype."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
 def load_offloaded(model_dir: Path, offload_dir: Path):
     """A plain checkpoint whose weights stay on disk: compressed-tensors' disk cache (through
     llm-compressor's documented `load_offloaded_model`) reads each module from the checkpoint when

@@ -235,8 +235,7 @@ def layerwise_input(inputs: BuildInputs, offload: str):
 
     from byoai.hostmem import available_bytes
     from byoai.memory import offloads_to_disk
-    from byoai.tasks.techniques.gptqmodel_backend import checkpoint_bytes
-    from byoai.tasks.techniques.io import is_plain_checkpoint, load_offloaded, load_stage_input, own_weights
+    from byoai.tasks.techniques.io import checkpoint_bytes, is_plain_checkpoint, load_offloaded, load_stage_input, own_weights
 
     source = Path(inputs.model_dir)
     if offloads_to_disk(offload, checkpoint_bytes(source), available_bytes(), inputs.device):
