@@ -25,6 +25,10 @@ BUILD_COST_S = {
 }
 EVALUATE_S = (4, 20)  # one full evaluation, fixed + per billion parameters
 EXPENSIVE = {"autoround", "qat"}  # only with a time budget they fit in
+# Kinds that read the weights once, with at most one calibration pass: within ~2 x of each
+# other's cost, so they are ordered by the objective, not by cost (a 135M smallest search built 6
+# of them in cost order, 4 in size order: session 14, docs/auto.md).
+ONE_PASS = {"gguf", "gguf+imatrix", "onnx", "bnb"}
 
 GGUF_TYPES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")
 IMATRIX_TYPES = ("q4_k_m", "q3_k_m", "q2_k")  # where llama.cpp's importance matrix pays most
@@ -130,10 +134,11 @@ def choose(recipe: Recipe, kinds: dict[str, str]) -> list[Choice]:
         else:
             why, included = f"~{size_mb:.0f} MB estimated", True
         choices.append(Choice(variant_dict, kind, included, why, size_mb, spent))
-    # cheapest kinds first; within a kind the order in which a passing candidate leaves the least
-    # room to the rest (tasks.search.RungSearch.room_to_improve): smallest first for smallest and
-    # fastest, largest first for best_quality. A GGUF type without an importance matrix whose
-    # twin with one is kept goes right after that twin, which, once measured, makes it redundant.
+    # The one-pass kinds first, in the order in which a passing candidate leaves the least room
+    # to the rest (tasks.search.RungSearch.room_to_improve): smallest first for smallest and
+    # fastest, largest first for best_quality; then the other kinds, cheapest first. A GGUF type
+    # without an importance matrix whose twin with one is kept goes right after that twin, which,
+    # once measured, makes it redundant.
     direction = -1 if promotion.objective == "best_quality" else 1
     layouts = {v.name: gguf_types(v) for v in recipe.variants}
     # the GGUF layouts kept with an importance matrix -> that candidate's kind
@@ -147,7 +152,8 @@ def choose(recipe: Recipe, kinds: dict[str, str]) -> list[Choice]:
 
     def order(choice: Choice) -> tuple:
         twin = twins.get(choice.variant["name"])
-        return BUILD_COST_S[with_imatrix[twin] if twin else choice.kind], direction * choice.size_mb, twin is not None
+        tier = (0, 0) if choice.kind in ONE_PASS else BUILD_COST_S[choice.kind]
+        return tier, direction * choice.size_mb, twin is not None
 
     kept = sorted((c for c in choices if c.included), key=order)
     return kept + [c for c in choices if not c.included]

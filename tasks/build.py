@@ -45,6 +45,19 @@ class Artifact(BaseModel):
         return ModelRef(path=self.path, sha=self.sha, source=f"artifact:{self.technique}")
 
 
+def loaded_size_bytes(folder: Path, format: str) -> int:
+    """An artifact's size as its runtime loads it, what a size budget holds: a GGUF artifact is its
+    model.gguf (the tokenizer is inside it; the tokenizer files beside it serve lm-eval and the
+    tests: 1.8 MB for SmolLM2), as the recipe's own input file is; any other format, its folder
+    without a technique's report/ (logged to the run, not registered)."""
+    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE
+    from byoai.tasks.techniques import REPORT_DIR
+
+    if format == "gguf":
+        return (folder / GGUF_FILE).stat().st_size
+    return folder_size_bytes(folder) - (folder_size_bytes(folder / REPORT_DIR) if (folder / REPORT_DIR).is_dir() else 0)
+
+
 def check_reload(folder: Path, in_memory_logits, ids, device: str, dtype: str = "auto") -> dict[str, float]:
     """Reload the saved folder; fail if it does not compute what the in-memory model computed.
 
@@ -200,9 +213,9 @@ def build_variant(
                 }
         build_s = time.perf_counter() - started
         if outcome.unchanged:
-            built, sha, size = model.path, model.sha, folder_size_bytes(Path(model.path))
+            built, sha, size = model.path, model.sha, loaded_size_bytes(Path(model.path), outcome.format)
         else:
-            built, sha, size = str(folder), folder_sha256(tmp), folder_size_bytes(tmp)
+            built, sha, size = str(folder), folder_sha256(tmp), loaded_size_bytes(tmp, outcome.format)
         artifact = Artifact(
             technique=technique, path=built, sha=sha, size_bytes=size,
             build_s=round(build_s, 3), build_device=device, facts=facts, format=outcome.format,
@@ -218,7 +231,7 @@ def gguf_input_artifact(model: ModelRef, variants_dir: str) -> Artifact:
     import shutil
 
     from byoai.files import file_sha256
-    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
+    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts, host_build
     from byoai.tasks.techniques.gguf import TOKENIZER_FILES
 
     source = Path(model.gguf)
@@ -232,7 +245,7 @@ def gguf_input_artifact(model: ModelRef, variants_dir: str) -> Artifact:
                     shutil.copy2(Path(model.path) / name, tmp / name)
             artifact = Artifact(
                 technique="input", path=str(folder), sha=sha, size_bytes=source.stat().st_size, build_s=0.0,
-                build_device="cpu", facts={"source": str(source), **gguf_facts(source)}, format="gguf",
+                build_device="cpu", facts={"source": str(source), **gguf_facts(source, host_build())}, format="gguf",
             )
             (tmp / _MARKER).write_text(artifact.model_dump_json())
     return Artifact.model_validate_json((folder / _MARKER).read_text())

@@ -219,6 +219,8 @@ def input_verdict(given: Candidate, champion: Candidate | None, target: str, pro
         return f"the input file is still best: no candidate passes the gate and budgets (the input's {metric} {_shown(ours)})"
     theirs = objective_value(champion, promotion)
     name = f"champion-{target} ({champion.variant})"
+    if (why := rejection(given, promotion)) is not None:  # better on the objective, say, but not allowed
+        return f"{name} beats the input file, which fails the gate or a budget ({why})"
     if objective_key(promotion)(champion)[0] < objective_key(promotion)(given)[0]:
         change = f" ({(theirs - ours) / ours * 100:+.1f} %)" if ours else ""
         return f"{name} beats the input file on {metric}: {_shown(theirs)} vs {_shown(ours)}{change}, ppl {champion.ppl_delta_pct:+.2f} % vs {given.ppl_delta_pct:+.2f} %"

@@ -45,23 +45,25 @@ def test_dry_run_lists_the_candidates_and_writes_nothing(workdir):
 
 
 def test_auto_writes_its_recipe_prunes_at_rung_0_skips_a_redundant_twin_stops_at_the_time_budget_promotes_and_reruns_from_cache(workdir):
-    command = ["auto", "embedded", "--target", "cpu-x86", "--max-size-mb", "91", "--max-ppl-increase", "25",
-               "--time-budget-min", "0.01", "--no-register"]
+    command = ["auto", "embedded", "--target", "cpu-x86", "--objective", "best_quality", "--max-size-mb", "91",
+               "--max-ppl-increase", "25", "--time-budget-min", "0.01", "--no-register"]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     path = workdir / "smollm2-135m-auto.auto.yaml"
     recipe = load_recipe(path)  # what it ran is a recipe like any other
     assert recipe.auto.time_budget_min == 0.01 and recipe.promotion.max_size_mb == 91
     names = [v.name for v in recipe.variants]
-    # cheapest kind first, smallest first; a plain GGUF type right after its twin with an imatrix
-    assert names[:4] == ["gguf-q4_0", "onnx-int4", "gguf-q2_k-imatrix", "gguf-q2_k"] and "gguf-q8_0" not in names
+    # the one-pass kinds first, largest first for best_quality, a plain GGUF type right after its
+    # twin with an imatrix; then the costlier kinds
+    assert names == ["gguf-q4_0", "gguf-q3_k_m-imatrix", "gguf-q3_k_m", "onnx-int4", "gguf-q2_k-imatrix", "gguf-q2_k", "gguf-mixed-at-budget"]
     client = MlflowClient(Settings().tracking())
     runs, parent = children(client, "smollm2-135m-auto")
-    # q4_0's file (93.5 MB) is over the budget and ONNX int4 (about +50 %) fails the gate, both on
-    # rung 0's two windows: measured there only
-    assert runs["gguf-q4_0"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): over budget (93.5 MB > max_size_mb 91)")
+    # the q4_0 and q3_k_m files (91.7, 93.5 MB) are over the budget and ONNX int4 (about +50 %)
+    # fails the gate, all on rung 0's two windows: measured there only
+    assert runs["gguf-q4_0"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): over budget (91.7 MB > max_size_mb 91)")
+    assert runs["gguf-q3_k_m-imatrix"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): over budget (93.5 MB > max_size_mb 91)")
     assert runs["onnx-int4"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): fails the gate on these windows")
-    for name in ("gguf-q4_0", "onnx-int4"):
+    for name in ("gguf-q4_0", "gguf-q3_k_m-imatrix", "onnx-int4"):
         assert runs[name]["byoai.status"] == "pruned" and runs[name]["byoai.pruned"] == "true" and runs[name]["byoai.rung"] == "0"
     # the first that passes goes through every rung and is promoted
     assert runs["gguf-q2_k-imatrix"]["byoai.status"] == "finished", {n: runs[n]["byoai.status"] for n in names}
@@ -73,12 +75,14 @@ def test_auto_writes_its_recipe_prunes_at_rung_0_skips_a_redundant_twin_stops_at
     assert "evaluate-gguf-q4_0@cpu-x86-llama_cpp-rung0" in states and not any(n.startswith("build-gguf-q2_k-0") for n in states), states
     assert not any(n.startswith("evaluate-gguf-q4_0@") and not n.endswith("rung0") for n in states), states
     assert "pruned: pruned at rung 0" in " ".join(result.output.split())
+    assert runs["gguf-q3_k_m"]["byoai.reason"].startswith("no room to improve: the same types as gguf-q3_k_m-imatrix")
     # then the time budget stops the search
-    assert all(runs[n]["byoai.status"] == "skipped" for n in names[4:])
-    assert "auto.time_budget_min (0.01 min) reached" in runs["gguf-q3_k_m-imatrix"]["byoai.reason"]
+    assert runs["gguf-mixed-at-budget"]["byoai.status"] == "skipped"
+    assert "auto.time_budget_min (0.01 min) reached" in runs["gguf-mixed-at-budget"]["byoai.reason"]
     champion = client.get_model_version_by_alias("smollm2-135m-auto", "champion-cpu-x86")
     assert champion.tags["byoai.variant"] == "gguf-q2_k-imatrix"
-    assert "beats the input file" in " ".join(result.output.split())  # the embedded Q4_1 file is 98.4 MB
+    # the embedded Q4_1 file (98.4 MB) has the better perplexity but is over the budget
+    assert "beats the input file, which fails the gate or a budget (over budget: 98.4 MB > max_size_mb 91)" in " ".join(result.output.split())
 
     # the written recipe is not overwritten without --force
     before = path.read_text()

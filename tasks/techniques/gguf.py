@@ -178,7 +178,7 @@ def export_gguf(inputs: BuildInputs, quant_type: str, imatrix: bool, version: st
         else:
             tool(tools, "llama-quantize", *args, str(converted), str(out), QUANT_TYPES[quant_type], threads)
     copy_tokenizer(inputs.model_dir, inputs.out_dir)
-    return facts | gguf_facts(out)
+    return facts | gguf_facts(out, tools)
 
 
 def copy_tokenizer(model_dir: Path, out_dir: Path) -> None:
