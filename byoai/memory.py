@@ -77,9 +77,9 @@ def shape_from_config(config: dict) -> ModelShape:
 
 def shape_from_gguf(path: Path) -> ModelShape:
     """The shape a GGUF file's metadata and tensor infos give (llama-style architectures)."""
-    from gguf import GGUFReader
+    from byoai.files import gguf_reader
 
-    reader = GGUFReader(str(path))
+    reader = gguf_reader(path)
 
     def value(suffix: str, default: int = 0) -> int:
         for key, f in reader.fields.items():

@@ -9,9 +9,9 @@ from pathlib import Path
 
 def gguf_tokens(path: Path) -> list[str]:
     """The token strings a GGUF file's tokenizer holds, by id (`tokenizer.ggml.tokens`)."""
-    from gguf import GGUFReader
+    from byoai.files import gguf_reader
 
-    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.tokens")
+    field = gguf_reader(path).fields.get("tokenizer.ggml.tokens")
     if field is None:
         raise ValueError(f"{path} has no tokenizer (no tokenizer.ggml.tokens)")
     return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]

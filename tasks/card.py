@@ -65,9 +65,9 @@ def base_license(recipe: Recipe, base: ModelRef) -> str | None:
     """The base model's license where it says so: a GGUF's `general.license`, the front matter of
     the folder's README.md, or the embedded package's metadata."""
     if base.gguf:
-        from gguf import GGUFReader
+        from byoai.files import gguf_reader
 
-        field = GGUFReader(base.gguf).fields.get("general.license")
+        field = gguf_reader(base.gguf).fields.get("general.license")
         if field is not None:
             return str(field.contents())
     readme = Path(base.path) / "README.md"

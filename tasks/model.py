@@ -107,9 +107,9 @@ def restore_pretokenizer(gguf: Path, tokenizer_json: Path) -> None:
     differently (SmolLM2 splits each digit), and llama.cpp's converter takes the folder for a
     SentencePiece vocabulary, whose files llama.cpp then cannot tokenize text with.
     """
-    from gguf import GGUFReader
+    from byoai.files import gguf_reader
 
-    fields = GGUFReader(str(gguf)).fields
+    fields = gguf_reader(gguf).fields
 
     def text(key: str) -> str | None:
         field = fields.get(key)
