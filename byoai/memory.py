@@ -331,7 +331,7 @@ GGUF_BITS = {
 
 
 # llama-quantize keeps the token embeddings and output head at q8_0-like precision (q6_k / q8_0)
-# in its lower-bit mixes: SmolLM2-135M's q4_0 is 93.5 MB, not the 76 MB of 4.5 bits everywhere.
+# in its lower-bit mixes: SmolLM2-135M's q4_0 is 91.7 MB, not the 76 MB of 4.5 bits everywhere.
 GGUF_EMBEDDING_BITS = 8.5
 
 
