@@ -4,8 +4,8 @@ The candidates come from what each target's runtimes ship (llama.cpp: GGUF types
 imatrix, a mixed GGUF at the size budget, AutoRound and QAT onto q4_0; ONNX Runtime GenAI: int4 and
 int8; transformers formats only on CUDA targets, where they are what ships). A candidate whose
 estimated size breaks the budget, or that the memory plan says cannot fit, is left out with why.
-The rest are ordered by cost (the expensive ones last, so the time budget stops before them) and
-searched by the recipe's `auto` section: the same flow, registry and champions as `byoai run`.
+The rest are ordered (`choose`: the one-pass kinds by the objective, then the costlier kinds, the
+expensive ones last so the time budget stops before them) and searched by the recipe's `auto` section: the same flow, registry and champions as `byoai run`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def estimate_s(kind: str, params: int, rungs: int) -> float:
 
 def choose(recipe: Recipe, kinds: dict[str, str]) -> list[Choice]:
     """In or out for each of the recipe's candidates: the size budget on the plan's estimated
-    size, the memory plan, and the time budget for the expensive kinds; the kept ones in cost order."""
+    size, the memory plan, and the time budget for the expensive kinds; the kept ones in search order."""
     from byoai.memory import GGUF_BITS, gguf_size
     from byoai.plan import capacity_of, model_shape, plan_memory
     from byoai.tasks.search import gguf_types
@@ -141,8 +141,8 @@ def choose(recipe: Recipe, kinds: dict[str, str]) -> list[Choice]:
     # once measured, makes it redundant.
     direction = -1 if promotion.objective == "best_quality" else 1
     layouts = {v.name: gguf_types(v) for v in recipe.variants}
-    # the GGUF layouts kept with an importance matrix -> that candidate's kind
-    with_imatrix = {layout[0]: c.kind for c in choices if c.included and (layout := layouts[c.variant["name"]]) and layout[1]}
+    # the GGUF layouts kept with an importance matrix
+    with_imatrix = {layout[0] for c in choices if c.included and (layout := layouts[c.variant["name"]]) and layout[1]}
     twins = {}  # a plain GGUF candidate -> its layout, kept with an importance matrix too
     for choice in choices:
         layout = layouts[choice.variant["name"]]

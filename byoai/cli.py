@@ -185,7 +185,7 @@ def auto(
     objective: Annotated[str, typer.Option(help="smallest | fastest | best_quality, among those that pass")] = "smallest",
     calibration: Annotated[str, typer.Option(help="builtin:python-docs or a text file")] = "builtin:python-docs",
     evaluation: Annotated[str, typer.Option(help="builtin:python-docs or a text file")] = "builtin:python-docs",
-    time_budget_min: Annotated[float | None, typer.Option("--time-budget-min", help="stop starting candidates after this long")] = None,
+    time_budget_min: Annotated[float | None, typer.Option("--time-budget-min", help="stop starting candidates once the search's builds and evaluations took this long")] = None,
     tracking_uri: TrackingUri = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the candidates, why each is in or out, and a rough time; write nothing")] = False,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing <name>.auto.yaml")] = False,

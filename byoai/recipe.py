@@ -580,12 +580,13 @@ class AutoSpec(_Strict):
     first, and only the survivors get the full protocol (perplexity, profile, lm-eval tasks).
     `byoai auto` writes such a recipe; `byoai run` executes it."""
 
-    candidates: tuple[Name, ...] = ()  # default: every variant, in the recipe's order (cheapest first)
+    candidates: tuple[Name, ...] = ()  # default: every variant, in the recipe's order
     rungs: tuple[RungSpec, ...] = (RungSpec(windows=2), RungSpec(fraction=0.25))
     pruner: Literal["successive_halving", "hyperband"] = "successive_halving"
     # Optuna's reduction factor: about 1 in this many candidates survives each rung.
     reduction_factor: int = Field(default=3, ge=2)
-    # Stop starting candidates after this long; the best that reached the final rung is promoted.
+    # Stop starting candidates once the search has spent this long (its builds and evaluations as
+    # recorded, so a cached re-run decides the same); the best that reached the final rung is promoted.
     time_budget_min: float | None = Field(default=None, gt=0)
 
 

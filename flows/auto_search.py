@@ -1,6 +1,6 @@
 """An auto search inside a run (the recipe's `auto` section, what `byoai auto` writes).
 
-Candidates one after another, in the recipe's order (cheapest first): each is built (cached, like
+Candidates one after another, in the recipe's order (byoai auto's: byoai.auto.choose): each is built (cached, like
 every variant), measured on each rung's few windows in the runtime it ships in (perplexity only),
 and goes on to the next rung only while Optuna's pruner keeps it; the survivors get the full
 protocol, a child run and a model version like any variant. A pruned candidate keeps its child
@@ -10,7 +10,6 @@ Orchestration only: every number is computed in a task.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from byoai import progress
@@ -19,6 +18,7 @@ from byoai.settings import Settings
 from byoai.summary import ResultRow
 from byoai.tasks.data import first_windows
 from byoai.tasks.evaluate import ppl_delta_pct
+from byoai.tasks.runtimes.protocol import window_perplexity
 from byoai.tasks.search import FASTEST_RUNG_LATENCY, RungSearch
 from byoai.tasks.tracking import log_unbuilt_run
 
@@ -45,16 +45,24 @@ class AutoSearch:
         self.searches = {t.name: RungSearch(auto, loop.recipe.promotion) for t in loop.targets}
         self.rungs = [first_windows(loop.perplexity_tokens, count, str(Settings().data_dir())) for count in rung_windows(auto, loop.perplexity_tokens.shape[0])]
         self.rung_references: dict[tuple[str, int], object] = {}
-        self.deadline = time.monotonic() + auto.time_budget_min * 60 if auto.time_budget_min else None
+        # The search's own time: each candidate's build and evaluations as they recorded it (a
+        # cached re-run replays the same seconds, so it makes the same decisions and reuses every
+        # trial; a wall clock would let it go further). The reference and input file do not count.
+        self.spent_s, self.budget_s = 0.0, auto.time_budget_min * 60 if auto.time_budget_min else None
         # a fastest search ranks its rungs on a short decode too; the others on perplexity alone
         self.rung_latency = LatencySpec(**FASTEST_RUNG_LATENCY) if loop.recipe.promotion.objective == "fastest" else None
 
     def out_of_time(self, target: TargetProfile) -> bool:
         """Past the time budget, once a candidate on this target reached the final rung (so one can be promoted)."""
-        return self.deadline is not None and time.monotonic() > self.deadline and self.searches[target.name].finished > 0
+        return self.budget_s is not None and self.spent_s > self.budget_s and self.searches[target.name].finished > 0
 
     def reference_at(self, target: TargetProfile, rung: int):
-        """The gate's reference measured on the rung's windows (a rung's ppl is compared like with like)."""
+        """The gate's reference on the rung's windows (a rung's ppl is compared like with like): its
+        full evaluation's first windows, or measured on them where that evaluation has no
+        per-window numbers (a result cached before they were kept)."""
+        full, windows = self.loop.reference[target.name], self.rungs[rung].shape
+        if len(full.window_nll) >= windows[0]:
+            return full.model_copy(update={"ppl": window_perplexity(full.window_nll[: windows[0]], windows[1]), "ppl_tokens": windows[0] * windows[1]})
         if (target.name, rung) not in self.rung_references:
             artifact, runtime = self.loop.reference_builds[target.name]
             future = self.loop.evaluate(artifact, target, runtime, self.loop.runtime_build(target, runtime), "reference", (rung, self.rungs[rung], None))
@@ -80,6 +88,7 @@ class AutoSearch:
         built = self.loop.built_chain(candidate, targets, self.loop.submit_chain(candidate, targets))
         if built is None:
             return
+        self.spent_s += sum(artifact.build_s for artifact in built)
         alive = [(t, runtime, build) for t in targets for runtime, build in self.loop.measurable(candidate, t, built[-1].format)]
         trials = {(t.name, runtime): self.searches[t.name].start(candidate.name) for t, runtime, _ in alive}
         for rung, windows in enumerate(self.rungs):
@@ -96,6 +105,7 @@ class AutoSearch:
                     search.finish(trial, None)
                     continue
                 metrics = future.result()
+                self.spent_s += metrics.profile.get("evaluate_s", 0.0)
                 search.measured(candidate)
                 delta = ppl_delta_pct(metrics, self.reference_at(target, rung))
                 why = search.report(trial, rung, delta, metrics)
@@ -108,6 +118,7 @@ class AutoSearch:
         evaluations = [(candidate, t, runtime, built, self.loop.evaluate_candidate(built[-1], t, runtime, build, candidate.name)) for t, runtime, build in alive]
         note = f"auto: kept through {len(self.rungs)} rung(s)"
         recorded = self.loop.record_variant(candidate, evaluations, {"byoai.search": SEARCH_TAG, "byoai.rung": "final"}, note)
+        self.spent_s += sum(future.result().profile.get("evaluate_s", 0.0) for *_, future in evaluations if not future.state.is_failed())
         for (_, target, runtime, *_), result in zip(evaluations, recorded, strict=True):
             self.searches[target.name].finish(trials[target.name, runtime], result)
 

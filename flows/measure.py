@@ -472,9 +472,10 @@ def paired_artifact(main, draft: Path | None, draft_name: str, pair, variants_di
             if draft:
                 shutil.copy2(draft, tmp / "draft.gguf")
             (tmp / "server-args.json").write_text(json.dumps({"args": flags}, indent=1))
-    files = [f for f in folder.iterdir() if f.is_file()]
+    # what the server loads: the main file and the draft (an n-gram pair has none)
+    size = main.size_bytes + (draft.stat().st_size if draft else 0)
     return Artifact(
-        technique=f"{main.technique}+speculative", path=str(folder), sha=folder_sha256(folder), size_bytes=sum(f.stat().st_size for f in files),
+        technique=f"{main.technique}+speculative", path=str(folder), sha=folder_sha256(folder), size_bytes=size,
         build_s=0.0, build_device="cpu", format="gguf", facts={
             **main.facts, "draft_of": main.technique, "draft": draft_name, "server_flags": flags,
             "acceptance": round(pair.acceptance, 4), "speedup": round(pair.speedup, 4),

@@ -187,7 +187,9 @@ def build_variant(
     marker = folder / _MARKER
     if marker.is_file():  # built by an earlier run whose Prefect cache is gone: trust the folder
         step_logger().info("reusing %s", folder)
-        return Artifact.model_validate_json(marker.read_text())
+        artifact = Artifact.model_validate_json(marker.read_text())
+        # sized as today's byoai sizes it (a GGUF built before session 14 counted its tokenizer files)
+        return artifact.model_copy(update={"size_bytes": loaded_size_bytes(Path(artifact.path), artifact.format)})
 
     with one_build_per_process(), atomic_folder(folder) as tmp:
         progress.from_task("building", technique)
@@ -231,7 +233,7 @@ def gguf_input_artifact(model: ModelRef, variants_dir: str) -> Artifact:
     import shutil
 
     from byoai.files import file_sha256
-    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts, host_build
+    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
     from byoai.tasks.techniques.gguf import TOKENIZER_FILES
 
     source = Path(model.gguf)
@@ -245,7 +247,7 @@ def gguf_input_artifact(model: ModelRef, variants_dir: str) -> Artifact:
                     shutil.copy2(Path(model.path) / name, tmp / name)
             artifact = Artifact(
                 technique="input", path=str(folder), sha=sha, size_bytes=source.stat().st_size, build_s=0.0,
-                build_device="cpu", facts={"source": str(source), **gguf_facts(source, host_build())}, format="gguf",
+                build_device="cpu", facts={"source": str(source), **gguf_facts(source)}, format="gguf",
             )
             (tmp / _MARKER).write_text(artifact.model_dump_json())
     return Artifact.model_validate_json((folder / _MARKER).read_text())

@@ -28,6 +28,9 @@ class Metrics(BaseModel):
 
     ppl: float
     ppl_tokens: int
+    # each window's summed NLL, in order: an auto search's rungs (the first windows) read the
+    # reference's from its full evaluation instead of measuring them again
+    window_nll: tuple[float, ...] = ()
     size_mb: float
     load_s: float
     prefill_ms: float

@@ -219,7 +219,7 @@ def input_verdict(given: Candidate, champion: Candidate | None, target: str, pro
         return f"the input file is still best: no candidate passes the gate and budgets (the input's {metric} {_shown(ours)})"
     theirs = objective_value(champion, promotion)
     name = f"champion-{target} ({champion.variant})"
-    if (why := rejection(given, promotion)) is not None:  # better on the objective, say, but not allowed
+    if rejection(champion, promotion) is None and (why := rejection(given, promotion)) is not None:
         return f"{name} beats the input file, which fails the gate or a budget ({why})"
     if objective_key(promotion)(champion)[0] < objective_key(promotion)(given)[0]:
         change = f" ({(theirs - ours) / ours * 100:+.1f} %)" if ours else ""

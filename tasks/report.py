@@ -227,7 +227,7 @@ def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path, result
     if front:
         ax.plot([r["size_mb"] for r in front], [r["ppl_delta_pct"] for r in front], "--", c="gray", label="Pareto front (ppl, size, speed)")
         ax.legend(loc="upper right", fontsize=8)
-    ax.set_xlabel("size on disk (MB)")
+    ax.set_xlabel("size (MB, as the runtime loads it)")
     ax.set_ylabel("perplexity increase vs base model (%)")
     ax.set_title(f"{target}: green passes the gate, marker size = decode tok/s")
     ax.grid(alpha=0.3)

@@ -41,6 +41,9 @@ def test_dry_run_lists_the_candidates_and_writes_nothing(workdir):
     assert "gguf-q8_0 │ gguf │ no │ ~143 MB estimated, over --max-size-mb 100" in out
     assert "qat-q4_0 │ qat │ no │ expensive (no --time-budget-min)" in out
     assert "gguf-q2_k │ gguf │ yes" in out and "gguf-mixed-at-budget │ gguf_mixed │ yes" in out
+    # smallest (the default): the one-pass kinds by estimated size, whatever their kind; then the costlier ones
+    rows = [out.index(f"{name} │") for name in ("gguf-q2_k-imatrix", "onnx-int4", "gguf-q3_k_m-imatrix", "gguf-q4_0", "gguf-mixed-at-budget")]
+    assert rows == sorted(rows), out
     assert not list(workdir.glob("*.auto.yaml")) and not (workdir / ".byoai" / "mlflow.db").exists()
 
 
@@ -74,6 +77,8 @@ def test_auto_writes_its_recipe_prunes_at_rung_0_skips_a_redundant_twin_stops_at
     states = task_states(parent.data.tags["prefect.flow_run_id"])
     assert "evaluate-gguf-q4_0@cpu-x86-llama_cpp-rung0" in states and not any(n.startswith("build-gguf-q2_k-0") for n in states), states
     assert not any(n.startswith("evaluate-gguf-q4_0@") and not n.endswith("rung0") for n in states), states
+    # the gate's reference on rung 0's windows comes from its full evaluation's per-window numbers
+    assert not any(n.startswith("evaluate-reference@") and n.endswith("rung0") for n in states), states
     assert "pruned: pruned at rung 0" in " ".join(result.output.split())
     assert runs["gguf-q3_k_m"]["byoai.reason"].startswith("no room to improve: the same types as gguf-q3_k_m-imatrix")
     # then the time budget stops the search

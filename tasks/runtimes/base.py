@@ -47,6 +47,7 @@ class Measured(BaseModel):
 
     ppl: float
     ppl_tokens: int
+    window_nll: tuple[float, ...] = ()  # each window's summed NLL, in order
     load_s: float
     prefill_ms: float
     decode_tok_s: float

@@ -441,23 +441,38 @@ def _ggml_gguf(library: str):
     return lib, InitParams
 
 
-def gguf_facts(path: Path, build: RuntimeBuild) -> dict[str, object]:
+def _tensor_infos(path: Path, build: RuntimeBuild | None) -> list[tuple[str, int, int]]:
+    """(type name as gguf-py spells it, bytes, elements) per tensor: by ggml's reader where the
+    step has the llama.cpp build that wrote the file (a GGUF export), else by gguf-py's reader
+    (the recipe's input file, parsed once per process for the plan too; AutoRound's own writer)."""
+    if build is None:
+        from byoai.files import gguf_reader
+
+        return [(t.tensor_type.name, int(t.n_bytes), int(t.n_elements)) for t in gguf_reader(path).tensors]
+    lib, init_params = _ggml_gguf(str(Path(build.path) / "bin" / "libggml-base.so"))
+    context = lib.gguf_init_from_file(os.fsencode(path), init_params(True, None))
+    if not context:
+        raise ValueError(f"{path}: ggml cannot read it as a GGUF file")
+    try:
+        infos = []
+        for i in range(lib.gguf_get_n_tensors(context)):
+            kind, size = lib.gguf_get_tensor_type(context, i), lib.gguf_get_tensor_size(context, i)
+            # ggml's q6_K, bf16 are gguf-py's Q6_K, BF16
+            infos.append((lib.ggml_type_name(kind).decode().upper(), size, size * lib.ggml_blck_size(kind) // lib.ggml_type_size(kind)))
+        return infos
+    finally:
+        lib.gguf_free(context)
+
+
+def gguf_facts(path: Path, build: RuntimeBuild | None = None) -> dict[str, object]:
     """Tensor types actually written (type -> count), effective bits per weight, file size."""
     from collections import Counter
 
-    lib, init_params = _ggml_gguf(str(Path(build.path) / "bin" / "libggml-base.so"))
-    context = lib.gguf_init_from_file(str(path).encode(), init_params(True, None))
-    if not context:
-        raise ValueError(f"{path}: ggml cannot read it as a GGUF file")
     types, bits, weights = Counter(), 0, 0
-    try:
-        for i in range(lib.gguf_get_n_tensors(context)):
-            kind, size = lib.gguf_get_tensor_type(context, i), lib.gguf_get_tensor_size(context, i)
-            types[lib.ggml_type_name(kind).decode().upper()] += 1  # F32, Q6_K: gguf-py's names
-            bits += size * 8
-            weights += size * lib.ggml_blck_size(kind) // lib.ggml_type_size(kind)
-    finally:
-        lib.gguf_free(context)
+    for name, size, elements in _tensor_infos(path, build):
+        types[name] += 1
+        bits += size * 8
+        weights += elements
     return {
         "tensor_types": json.dumps(dict(sorted(types.items()))),
         "bits_per_weight": round(bits / weights, 3) if weights else 0.0,

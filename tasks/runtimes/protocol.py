@@ -29,10 +29,16 @@ def _spread(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), min(samples), max(samples)
 
 
-def perplexity(session: Session, windows) -> float:
-    """GPTQ-paper protocol: exp(mean NLL) over non-overlapping windows [n, seq_len] of one text."""
-    total = sum(session.nll(row) for row in windows)
-    return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
+def perplexity(session: Session, windows) -> tuple[float, tuple[float, ...]]:
+    """GPTQ-paper protocol: exp(mean NLL) over non-overlapping windows [n, seq_len] of one text;
+    and each window's summed NLL (the perplexity of its first k windows follows from them)."""
+    nll = tuple(session.nll(row) for row in windows)
+    return window_perplexity(nll, windows.shape[1]), nll
+
+
+def window_perplexity(nll: tuple[float, ...], seq_len: int) -> float:
+    """exp(mean NLL per predicted token) of windows of seq_len tokens, from their summed NLLs."""
+    return math.exp(sum(nll) / (len(nll) * (seq_len - 1)))
 
 
 def latency(session: Session, windows, spec) -> dict[str, float]:
@@ -86,10 +92,10 @@ def measure(session: Session, windows, spec, lm_eval=None, perplexity_only: bool
     the latency profile and the tasks (their numbers are 0 and empty)."""
     from byoai.tasks.lm_eval_tasks import score_lm
 
-    ppl = perplexity(session, windows)
+    ppl, window_nll = perplexity(session, windows)
     if perplexity_only:
-        return Measured(ppl=ppl, ppl_tokens=int(windows.numel()), load_s=session.load_s, prefill_ms=0.0, decode_tok_s=0.0,
-                        device=session.description, profile=session.memory())
+        return Measured(ppl=ppl, ppl_tokens=int(windows.numel()), window_nll=window_nll, load_s=session.load_s, prefill_ms=0.0,
+                        decode_tok_s=0.0, device=session.description, profile=session.memory())
     profile = latency(session, windows, spec)
     profile |= session.memory()
     bandwidth = memory_bandwidth_gb_s(session.device)
@@ -103,6 +109,7 @@ def measure(session: Session, windows, spec, lm_eval=None, perplexity_only: bool
     return Measured(
         ppl=ppl,
         ppl_tokens=int(windows.numel()),
+        window_nll=window_nll,
         load_s=session.load_s,
         prefill_ms=profile[f"ttft_ms.p{spec.prompt_tokens}"],
         decode_tok_s=decode_tok_s,

@@ -44,7 +44,7 @@ def run(inputs: BuildInputs) -> BuildResult:
     from auto_round.algorithms.composer import AlgorithmComposer
 
     from byoai.progress import counting_calls
-    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts, host_build
+    from byoai.tasks.runtimes.llama_cpp import GGUF_FILE, gguf_facts
     from byoai.tasks.techniques.gguf import copy_tokenizer
     from byoai.tasks.techniques.io import load_stage_input
 
@@ -87,7 +87,7 @@ def run(inputs: BuildInputs) -> BuildResult:
             raise TechniqueError(f"AutoRound wrote no GGUF file for {config.export}")
         shutil.move(str(files[-1]), inputs.out_dir / GGUF_FILE)
     copy_tokenizer(inputs.model_dir, inputs.out_dir)
-    facts |= {"format": "gguf", "quant_type": config.export, **gguf_facts(inputs.out_dir / GGUF_FILE, host_build())}
+    facts |= {"format": "gguf", "quant_type": config.export, **gguf_facts(inputs.out_dir / GGUF_FILE)}
     return BuildResult(model_dir=inputs.out_dir, facts=facts, format="gguf")
 
 
