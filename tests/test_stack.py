@@ -154,7 +154,11 @@ def test_a_target_on_another_pool_is_measured_by_that_pools_worker(write_recipe,
         _, flow_run = deploy_and_run(path)
     finally:
         worker.terminate()
-        worker.wait(30)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:  # session 14: once > 30 s to shut down on a loaded 2-core machine
+            worker.kill()
+            worker.wait()
     assert flow_run.state.name == "Completed", flow_run.state.message
 
     main = prefect_call(lambda c: c.read_deployment_by_name(f"byoai/{name}"))
