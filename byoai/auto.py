@@ -5,7 +5,8 @@ imatrix, a mixed GGUF at the size budget, AutoRound and QAT onto q4_0; ONNX Runt
 int8; transformers formats only on CUDA targets, where they are what ships). A candidate whose
 estimated size breaks the budget, or that the memory plan says cannot fit, is left out with why.
 The rest are ordered (`choose`: the one-pass kinds by the objective, then the costlier kinds, the
-expensive ones last so the time budget stops before them) and searched by the recipe's `auto` section: the same flow, registry and champions as `byoai run`.
+expensive ones last so the time budget stops before them) and searched by the recipe's `auto`
+section: the same flow, registry and champions as `byoai run`.
 """
 
 from __future__ import annotations

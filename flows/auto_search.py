@@ -1,10 +1,11 @@
 """An auto search inside a run (the recipe's `auto` section, what `byoai auto` writes).
 
-Candidates one after another, in the recipe's order (byoai auto's: byoai.auto.choose): each is built (cached, like
-every variant), measured on each rung's few windows in the runtime it ships in (perplexity only),
-and goes on to the next rung only while Optuna's pruner keeps it; the survivors get the full
-protocol, a child run and a model version like any variant. A pruned candidate keeps its child
-run (status pruned, tagged with its rung and the numbers it was dropped on) and no version.
+Candidates one after another, in the recipe's order (byoai auto's: byoai.auto.choose): each is
+built (cached, like every variant), measured on each rung's few windows in the runtime it ships
+in (perplexity only), and goes on to the next rung only while Optuna's pruner keeps it; the
+survivors get the full protocol, a child run and a model version like any variant. A pruned
+candidate keeps its child run (status pruned, tagged with its rung and the numbers it was dropped
+on) and no version.
 Orchestration only: every number is computed in a task.
 """
 

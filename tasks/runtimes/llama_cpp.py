@@ -241,14 +241,6 @@ def build(config: LlamaCppConfig, cache_dir: Path) -> RuntimeBuild:
     return record
 
 
-def host_build() -> RuntimeBuild:
-    """This worker's native build, under BYOAI_CACHE_DIR: its tools write and read GGUF files (the
-    files run on any build)."""
-    from byoai.settings import Settings
-
-    return build(LlamaCppConfig(), Settings().cache_dir.expanduser().resolve())
-
-
 def check_runs_here(build: RuntimeBuild) -> None:
     """A native build runs only on a CPU with the features it was compiled for."""
     if build.native_cpu and build.native_cpu != json_sha256(sorted(cpu_flags()))[:16]:
