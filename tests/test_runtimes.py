@@ -15,6 +15,7 @@ from byoai.settings import Settings
 from byoai.flows.optimize import run_optimize
 from byoai.recipes import TARGETS_DIR
 from byoai.tasks.runtimes import RUNTIMES
+from byoai.tasks.runtimes import llama_cpp
 from byoai.tasks.runtimes.llama_cpp import LlamaCppConfig, build_dir, unavailable_reason
 from tests.test_flow import mlflow_client, task_states, versions
 
@@ -100,8 +101,10 @@ def test_a_target_without_a_reference_runtime_or_with_an_unknown_runtime_is_refu
         load_target(tmp_path / "t.yaml")
 
 
-def test_builds_this_worker_cannot_run_are_refused_with_the_reason():
-    # this CPU has AVX-512 but no AMX; and no NVIDIA GPU on the CI machines
+def test_builds_this_worker_cannot_run_are_refused_with_the_reason(monkeypatch):
+    # a CPU without AMX (some CI machines have it: their /proc/cpuinfo, less it); no NVIDIA GPU on the CI machines
+    without_amx = llama_cpp.cpu_flags() - {"amx_tile", "amx_int8", "amx_bf16"}
+    monkeypatch.setattr(llama_cpp, "cpu_flags", lambda: without_amx)
     assert "lacks it (no 'amx_tile' in /proc/cpuinfo)" in unavailable_reason(LlamaCppConfig(cmake_args=("-DGGML_NATIVE=OFF", "-DGGML_AMX_TILE=ON")), "cpu")
     cuda = load_target(TARGETS_DIR / "cuda-h100.yaml")
     reason = unavailable_reason(cuda.runtime_config("llama_cpp"), "cuda")
@@ -155,6 +158,8 @@ def test_a_gguf_variant_is_registered_and_can_be_champion_and_a_rerun_rebuilds_n
     assert {"model/model.gguf", "model/tokenizer.json"} <= files
     run = client.get_run(q8.run_id)
     assert run.data.params["runtime.flags"].startswith("-DGGML_NATIVE=ON") and "AVX" in run.data.params["runtime.system_info"]
+    # ggml's AMX kernels are left out (they crash on AMX hosts: llama_cpp._X86_COMPILER_FLAGS)
+    assert "-mno-amx-int8" in run.data.params["runtime.flags"] and "AMX_INT8 = 1" not in run.data.params["runtime.system_info"]
     shown = CliRunner().invoke(app, ["champions", "tiny"])
     assert shown.exit_code == 0 and "llama_cpp" in shown.output and "q8_0" in shown.output
     # a re-run: nothing rebuilt (variants, GGUF files, the compiled runtime), nothing registered

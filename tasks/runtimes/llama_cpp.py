@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import re
 import resource
 import shutil
@@ -49,6 +50,18 @@ _FIXED_ARGS = (
     "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_OPENSSL=OFF",
 )
+# Compiler flags of every x86 build: no AMX. ggml's AMX kernels crash (a general-protection fault
+# in ldtilecfg on the first batched matmul: the tile config it builds on the stack is optimized
+# away; llama.cpp issue 20824, fix still open as PR 26954) on hosts that have AMX, this project's
+# 2-core CI machines among them; -march=native would compile them in. An explicit
+# -DGGML_AMX_*=ON in a profile's cmake_args comes later on the command line and still wins.
+_X86_COMPILER_FLAGS = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
+
+
+def compiler_flags() -> tuple[str, ...]:
+    return _X86_COMPILER_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ()
+
+
 # CMake ISA switch -> the /proc/cpuinfo flag a CPU needs to run what it compiles
 _ISA_FLAGS = {
     "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
@@ -179,7 +192,8 @@ def source(version: str, cache_dir: Path) -> Path:
 
 
 def build_dir(config: LlamaCppConfig, cache_dir: Path) -> Path:
-    key = json_sha256({"version": config.version, "cmake_args": config.cmake_args, "fixed": _FIXED_ARGS, "host": host_key(config)})
+    key = json_sha256({"version": config.version, "cmake_args": config.cmake_args, "fixed": _FIXED_ARGS,
+                       "compiler_flags": compiler_flags(), "host": host_key(config)})
     return cache_dir / "runtimes" / f"llama_cpp-{config.version}-{key[:16]}"
 
 
@@ -203,6 +217,7 @@ def build(config: LlamaCppConfig, cache_dir: Path) -> RuntimeBuild:
         with atomic_folder(folder) as tmp:
             flags = (*config.cmake_args, *_FIXED_ARGS)
             env = os.environ | {"CMAKE_ARGS": " ".join(flags), "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
+            env |= {name: " ".join((os.environ.get(name, ""), *compiler_flags())).strip() for name in ("CFLAGS", "CXXFLAGS")}
             env.pop("SOURCE_DATE_EPOCH", None)  # it switches GGML_NATIVE off
             started = time.perf_counter()
             log = tmp / "build.log"
@@ -232,7 +247,7 @@ def build(config: LlamaCppConfig, cache_dir: Path) -> RuntimeBuild:
                 env=os.environ | {"LD_LIBRARY_PATH": str(tmp / "bin")},
             )
             record = RuntimeBuild(
-                runtime="llama_cpp", key=folder.name, path=str(folder), version=config.version, flags=flags,
+                runtime="llama_cpp", key=folder.name, path=str(folder), version=config.version, flags=(*flags, *compiler_flags()),
                 compiler=compiler(), system_info=info, build_s=round(build_s, 1),
                 server_version=" ".join((server.stdout + server.stderr).split())[:300],
                 native_cpu=json_sha256(sorted(cpu_flags()))[:16] if config.native else None,
