@@ -106,9 +106,9 @@ def download(tracking_uri: str, champion: Champion) -> Path:
 
 def runtime_build(champion: Champion):
     """This machine's llama.cpp build with the flags the champion was measured with."""
-    from byoai.tasks.runtimes.llama_cpp import _FIXED_ARGS, LlamaCppConfig, build
+    from byoai.tasks.runtimes.llama_cpp import LlamaCppConfig, build, profile_cmake_args
 
-    flags = tuple(f for f in champion.params.get("runtime.flags", "").split() if f not in _FIXED_ARGS)
+    flags = profile_cmake_args(champion.params.get("runtime.flags", "").split())
     config = LlamaCppConfig(version=champion.params.get("runtime.version") or LlamaCppConfig().version, cmake_args=flags or LlamaCppConfig().cmake_args)
     return build(config, Settings().cache_dir.expanduser().resolve())
 

@@ -254,12 +254,13 @@ def test_a_recipe_promotes_by_serving_slo_and_byoai_serve_answers_an_openai_clie
     serve = subprocess.Popen([sys.executable, "-m", "byoai.cli", "serve", "tiny", "--target", "cpu-x86"], cwd=workdir, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = None
+        url, said = None, []
         for line in serve.stdout:
+            said.append(line)
             if " at http://127.0.0.1:" in line:
                 url = line.split(" at ", 1)[1].split()[0]
                 break
-        assert url and url.endswith("/v1"), url
+        assert url and url.endswith("/v1"), "".join(said)[-3000:]
         stream = OpenAI(base_url=url, api_key="test-key-123").completions.create(model="tiny", prompt="def main():", max_tokens=8, stream=True)
         pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
         assert len(pieces) >= 1

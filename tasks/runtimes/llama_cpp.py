@@ -62,6 +62,12 @@ def compiler_flags() -> tuple[str, ...]:
     return _X86_COMPILER_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ()
 
 
+def profile_cmake_args(recorded: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """A target profile's cmake_args from the flags a build recorded (RuntimeBuild.flags, the
+    `runtime.flags` param of a run): less those every build adds."""
+    return tuple(flag for flag in recorded if flag not in {*_FIXED_ARGS, *_X86_COMPILER_FLAGS})
+
+
 # CMake ISA switch -> the /proc/cpuinfo flag a CPU needs to run what it compiles
 _ISA_FLAGS = {
     "GGML_AVX": "avx", "GGML_AVX2": "avx2", "GGML_FMA": "fma", "GGML_F16C": "f16c", "GGML_BMI2": "bmi2",
