@@ -2,8 +2,8 @@
 
 1. Sensitivity: the KL divergence of the model's next-token distribution from the unquantized
    one (per token) when only that tensor is rounded to a candidate type with llama.cpp's
-   reference rounding (gguf-py's quantizer, the same arithmetic as `llama-quantize` without an
-   imatrix), on the recipe's calibration windows. `measure: fisher` (default) predicts it to
+   own rounding (ggml's quantizer in the build that writes the file, as `llama-quantize` without
+   an imatrix), on the recipe's calibration windows. `measure: fisher` (default) predicts it to
    second order, 1/2 sum F (w - q(w))^2, with the diagonal Fisher information F estimated from
    gradients of the log-likelihood of tokens sampled from the model itself (the Hessian of that
    KL at the unquantized weights): one backward pass per window for all tensors and types.
@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from byoai.progress import advance
 from byoai.tasks.techniques import REPORT_DIR, BuildInputs, BuildResult, Technique, TechniqueError
 
-# types with a reference quantizer in gguf-py (blocks of 32 along each row)
+# the types in blocks of 32 along a row (k-quants' blocks of 256 do not divide every row: SmolLM2's are 576)
 MixedType = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
 _BUDGET_STEPS = 4000
 
@@ -65,14 +65,13 @@ def quant_bytes(n_elements: int, quant_type: str) -> int:
     return n_elements // block * size
 
 
-def reference_roundtrip(weight, quant_type: str):
-    """The weight as llama.cpp stores it in `quant_type`: quantized and dequantized by gguf-py."""
+def llama_cpp_roundtrip(weight, quant_type: str, build):
+    """The weight as llama.cpp stores it in `quant_type`: quantized and dequantized by the build's ggml."""
     import torch
-    from gguf import GGMLQuantizationType, quants
 
-    qtype = GGMLQuantizationType[quant_type.upper()]
-    data = weight.detach().float().cpu().numpy()
-    return torch.from_numpy(quants.dequantize(quants.quantize(data, qtype), qtype)).to(weight.dtype)
+    from byoai.tasks.runtimes.llama_cpp import ggml_roundtrip
+
+    return torch.from_numpy(ggml_roundtrip(build, weight.detach().float().cpu().numpy(), quant_type)).to(weight.dtype)
 
 
 def quantizable(model) -> dict[str, object]:
@@ -98,7 +97,7 @@ def quantizable(model) -> dict[str, object]:
     return found
 
 
-def fisher_sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[str, ...]) -> dict[str, dict[str, float]]:
+def fisher_sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[str, ...], build) -> dict[str, dict[str, float]]:
     """Predicted KL per token for every tensor x type: 1/2 sum F (w - q(w))^2, F the diagonal
     Fisher information per token (squared gradients of the log-likelihood of sampled tokens)."""
     import torch
@@ -122,11 +121,11 @@ def fisher_sensitivity(model, windows, tensors: dict[str, object], candidates: t
             weight = tensors[name].detach().float()
             if weight.shape[-1] % 32:
                 raise TechniqueError(f"gguf_mixed: {name} has rows of {weight.shape[-1]}, not a multiple of 32 (the candidates' block)")
-            table[name] = {t: 0.5 * (fisher[name] * (reference_roundtrip(weight, t) - weight) ** 2).sum().item() / tokens for t in candidates}
+            table[name] = {t: 0.5 * (fisher[name] * (llama_cpp_roundtrip(weight, t, build) - weight) ** 2).sum().item() / tokens for t in candidates}
     return table
 
 
-def sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[str, ...]) -> dict[str, dict[str, float]]:
+def sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[str, ...], build) -> dict[str, dict[str, float]]:
     """KL(unquantized || one tensor quantized) per token, measured, for every tensor x candidate type."""
     import torch
 
@@ -141,7 +140,7 @@ def sensitivity(model, windows, tensors: dict[str, object], candidates: tuple[st
             original = weight.data.clone()
             table[name] = {}
             for quant_type in candidates:
-                weight.data.copy_(reference_roundtrip(original, quant_type))
+                weight.data.copy_(llama_cpp_roundtrip(original, quant_type, build))
                 logq = torch.log_softmax(model(windows).logits.float(), dim=-1)
                 table[name][quant_type] = max(0.0, (base_p * (base - logq)).sum(-1).mean().item())
             weight.data.copy_(original)
@@ -152,6 +151,8 @@ def cached_sensitivity(model, inputs: BuildInputs, tensors: dict[str, object], c
     """The sensitivity table, measured once per (model content, windows) and type: variants with
     other budgets or candidate lists reuse it (it is most of this technique's cost)."""
     from byoai.files import folder_sha256, json_sha256
+    from byoai.settings import Settings
+    from byoai.tasks.runtimes.llama_cpp import LlamaCppConfig, build
 
     windows = inputs.calibration_ids[: config.windows]
     key = json_sha256({"model": folder_sha256(inputs.model_dir), "windows": windows.tolist(), "measure": f"{config.measure}-v1"})
@@ -160,7 +161,8 @@ def cached_sensitivity(model, inputs: BuildInputs, tensors: dict[str, object], c
     missing = tuple(t for t in config.candidates if any(t not in table.get(name, {}) for name in tensors))
     if missing:
         measure = fisher_sensitivity if config.measure == "fisher" else sensitivity
-        for name, row in measure(model, windows, tensors, missing).items():
+        tools = build(LlamaCppConfig(version=config.version), Settings().cache_dir.expanduser().resolve())  # this worker's native build
+        for name, row in measure(model, windows, tensors, missing, tools).items():
             table.setdefault(name, {}).update(row)
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(f".{os.getpid()}.tmp")
