@@ -52,8 +52,9 @@ def _parsed_gguf(path: str, mtime_ns: int, size: int):
 def gguf_parsed_once() -> Iterator[None]:
     """Within it, transformers' GGUF loading reads each file through gguf_reader: it builds a
     GGUFReader of the file several times (config, tokenizer, weights), each parsing the vocabulary
-    in Python: materializing the embedded SmolLM2 took 26.3 s, 18.6 s within this (session 15). transformers imports the name from the
-    `gguf` package when it loads (transformers.modeling_gguf_pytorch_utils), so it finds this one."""
+    in Python (materializing the embedded SmolLM2: 26.3 s, 18.6 s within this; session 15).
+    transformers imports the name from the `gguf` package when it loads
+    (transformers.modeling_gguf_pytorch_utils), so it finds this one."""
     import gguf
 
     original = gguf.GGUFReader

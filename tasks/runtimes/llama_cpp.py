@@ -428,6 +428,17 @@ class LlamaCppSession:
         return LogitsLM(self.logprobs, AutoTokenizer.from_pretrained(self.tokenizer_path, **hf_load_kwargs()), max_length=2048)
 
 
+def _bound(library: str, signatures: list[tuple[str, object, list]]):
+    """A shared library of a build, with the result and argument types of the functions byoai calls."""
+    import ctypes
+
+    lib = ctypes.CDLL(library)
+    for name, result, args in signatures:
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, args
+    return lib
+
+
 @cache
 def _ggml_gguf(library: str):
     """ggml's own GGUF reader (gguf.h) in a build's libggml-base: it parses the header in C.
@@ -438,8 +449,7 @@ def _ggml_gguf(library: str):
     class InitParams(ctypes.Structure):
         _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
-    lib = ctypes.CDLL(library)
-    for name, result, args in [
+    lib = _bound(library, [
         ("gguf_init_from_file", ctypes.c_void_p, [ctypes.c_char_p, InitParams]),
         ("gguf_get_n_tensors", ctypes.c_int64, [ctypes.c_void_p]),
         ("gguf_get_tensor_type", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64]),
@@ -448,9 +458,7 @@ def _ggml_gguf(library: str):
         ("ggml_type_name", ctypes.c_char_p, [ctypes.c_int]),
         ("ggml_type_size", ctypes.c_size_t, [ctypes.c_int]),
         ("ggml_blck_size", ctypes.c_int64, [ctypes.c_int]),
-    ]:
-        function = getattr(lib, name)
-        function.restype, function.argtypes = result, args
+    ])
     return lib, InitParams
 
 
@@ -465,14 +473,11 @@ def _ggml_quants(library: str):
                     ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
                     ("from_float_ref", ctypes.c_void_p)]
 
-    lib = ctypes.CDLL(library)
-    for name, result, args in [
+    lib = _bound(library, [
         ("ggml_quantize_chunk", ctypes.c_size_t, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]),
         ("ggml_row_size", ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]),
         ("ggml_get_type_traits", ctypes.POINTER(TypeTraits), [ctypes.c_int]),
-    ]:
-        function = getattr(lib, name)
-        function.restype, function.argtypes = result, args
+    ])
     return lib, ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
@@ -480,7 +485,7 @@ def ggml_roundtrip(build: RuntimeBuild, weight, quant_type: str):
     """A float32 array [rows, row length] as llama.cpp stores it in `quant_type` (no imatrix):
     quantized and dequantized by the build's ggml, so the same rounding as the file llama-quantize
     writes. gguf-py's numpy reference gives the same values (bit for bit on q4_0 … q8_0) in 3–10 ×
-    the time: 20 s of SmolLM2's gguf_mixed build."""
+    the time per tensor (about 20 s of SmolLM2's gguf_mixed build, from those timings)."""
     import numpy as np
     from gguf import GGMLQuantizationType
 
