@@ -28,8 +28,11 @@ EVALUATE_S = (4, 20)  # one full evaluation, fixed + per billion parameters
 EXPENSIVE = {"autoround", "qat"}  # only with a time budget they fit in
 # Kinds that read the weights once, with at most one calibration pass: within ~2 x of each
 # other's cost, so they are ordered by the objective, not by cost (a 135M smallest search built 6
-# of them in cost order, 4 in size order: session 14, docs/auto.md).
-ONE_PASS = {"gguf", "gguf+imatrix", "onnx", "bnb"}
+# of them in cost order, 4 in size order: session 14, docs/auto.md). gguf_mixed is one of them:
+# its importance matrix and per-tensor sensitivity table (rounded in ggml) cost what the first
+# importance-matrix type costs (SmolLM2: 28.2 s against 28.5 s, session 15), and at a size budget
+# it is the file best_quality most likely promotes, so it goes first there.
+ONE_PASS = {"gguf", "gguf+imatrix", "gguf_mixed", "onnx", "bnb"}
 
 GGUF_TYPES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")
 IMATRIX_TYPES = ("q4_k_m", "q3_k_m", "q2_k")  # where llama.cpp's importance matrix pays most

@@ -2,19 +2,22 @@
 
 Candidates one after another, in the recipe's order (byoai auto's: byoai.auto.choose): each is
 built (cached, like every variant), measured on each rung's few windows in the runtime it ships
-in (perplexity only), and goes on to the next rung only while Optuna's pruner keeps it; the
-survivors get the full protocol, a child run and a model version like any variant. A pruned
+in (perplexity only; a `fastest` search first measures a short decode, which the pruner ranks
+before any window is scored), and goes on to the next rung only while Optuna's pruner keeps it;
+the survivors get the full protocol, a child run and a model version like any variant. A pruned
 candidate keeps its child run (status pruned, tagged with its rung and the numbers it was dropped
-on) and no version.
+on) and no version. The recipe's input GGUF, when there is one, comes after the candidates on the
+same rungs and gets the full protocol only where it could beat the best finalist
+(AutoSearch.run_input).
 Orchestration only: every number is computed in a task.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from byoai import progress
-from byoai.recipe import AutoSpec, LatencySpec, TargetProfile, VariantSpec
+from byoai.recipe import INPUT_VARIANT, AutoSpec, LatencySpec, TargetProfile, VariantSpec
 from byoai.settings import Settings
 from byoai.summary import ResultRow
 from byoai.tasks.data import first_windows
@@ -50,7 +53,7 @@ class AutoSearch:
         # cached re-run replays the same seconds, so it makes the same decisions and reuses every
         # trial; a wall clock would let it go further). The reference and input file do not count.
         self.spent_s, self.budget_s = 0.0, auto.time_budget_min * 60 if auto.time_budget_min else None
-        # a fastest search ranks its rungs on a short decode too; the others on perplexity alone
+        # a fastest search ranks its rungs on a short decode first; the others on perplexity alone
         self.rung_latency = LatencySpec(**FASTEST_RUNG_LATENCY) if loop.recipe.promotion.objective == "fastest" else None
 
     def out_of_time(self, target: TargetProfile) -> bool:
@@ -92,28 +95,26 @@ class AutoSearch:
         self.spent_s += sum(artifact.build_s for artifact in built)
         alive = [(t, runtime, build) for t in targets for runtime, build in self.loop.measurable(candidate, t, built[-1].format)]
         trials = {(t.name, runtime): self.searches[t.name].start(candidate.name) for t, runtime, _ in alive}
-        for rung, windows in enumerate(self.rungs):
-            futures = [(t, runtime, build, self.loop.evaluate(built[-1], t, runtime, build, candidate.name, (rung, windows, self.rung_latency)))
-                       for t, runtime, build in alive]
-            alive = []
-            for target, runtime, build, future in futures:
-                search, trial = self.searches[target.name], trials[target.name, runtime]
-                if future.wait() or future.state.is_failed():
-                    from byoai.flows.measure import error_text
 
-                    message, text = error_text(future.state)
-                    self.loop.skip_or_fail(candidate, target, "failed", f"rung {rung} evaluation failed: {message}", text, runtime)
-                    search.finish(trial, None)
-                    continue
-                metrics = future.result()
-                self.spent_s += metrics.profile.get("evaluate_s", 0.0)
-                search.measured(candidate)
-                delta = ppl_delta_pct(metrics, self.reference_at(target, rung))
+        def decide(rung: int, target: TargetProfile, runtime: str, metrics, delta: float | None) -> str | None:
+            search, trial = self.searches[target.name], trials[target.name, runtime]
+            search.measured(candidate)
+            if delta is None:  # decode speed alone, before any window is scored
+                why = search.rank(trial, rung, search.value(metrics))
+            elif self.rung_latency is not None:  # ranked on speed already: the gate and budget are left
+                why = search.report_after_rank(trial, rung, delta, metrics)
+            else:
                 why = search.report(trial, rung, delta, metrics)
-                if why is None:
-                    alive.append((target, runtime, build))
-                else:
-                    self.record_pruned(candidate, target, runtime, rung, metrics, delta, why)
+            if why is not None:
+                self.record_pruned(candidate, target, runtime, rung, metrics, delta, why)
+            return why
+
+        def fail(target: TargetProfile, runtime: str, message: str, text: str) -> None:
+            self.loop.skip_or_fail(candidate, target, "failed", message, text, runtime)
+            self.searches[target.name].finish(trials[target.name, runtime], None)
+
+        for rung in range(len(self.rungs)):
+            alive = self.measure_rung(candidate.name, built[-1], alive, rung, decide, fail)
         if not alive:
             return
         evaluations = [(candidate, t, runtime, built, self.loop.evaluate_candidate(built[-1], t, runtime, build, candidate.name)) for t, runtime, build in alive]
@@ -123,19 +124,85 @@ class AutoSearch:
         for (_, target, runtime, *_), result in zip(evaluations, recorded, strict=True):
             self.searches[target.name].finish(trials[target.name, runtime], result)
 
-    def record_pruned(self, candidate: VariantSpec, target: TargetProfile, runtime: str, rung: int, metrics, delta: float, why: str) -> None:
-        """A pruned candidate: its child run with the rung's numbers, a row that says where and why, no version."""
+    def run_input(self, artifact, runs: list[tuple[TargetProfile, str, Any]]) -> None:
+        """The recipe's input GGUF, after the candidates and on the same rungs: it is not a
+        candidate (never registered) and matters to promotion only if it beats the champion, so
+        it gets the full protocol (and promotion compares it, as in any run) only where its rung
+        numbers pass the gate and beat the best finalist's on every rung, or where no candidate
+        reached the final rung. Elsewhere its row says on which rung and number it lost."""
+
+        def decide(rung: int, target: TargetProfile, runtime: str, metrics, delta: float | None) -> str | None:
+            search = self.searches[target.name]
+            why = None if delta is None else search.fails(delta, metrics)
+            if why is None and (delta is None or self.rung_latency is None):  # the objective's number, once per rung
+                why = search.input_loses(rung, search.value(metrics))
+            if why is not None:
+                self.record_pruned(INPUT_VARIANT, target, runtime, rung, metrics, delta, f"the input file (not a candidate): {why}")
+            return why
+
+        def fail(target: TargetProfile, runtime: str, message: str, text: str) -> None:
+            self.loop.skip_or_fail(INPUT_VARIANT, target, "failed", message, text, runtime)
+
+        for rung in range(len(self.rungs)):
+            runs = self.measure_rung(INPUT_VARIANT.name, artifact, runs, rung, decide, fail)
+        if runs:
+            self.loop.run_input(artifact, runs)
+
+    def measure_rung(self, name: str, artifact, runs: list, rung: int, decide, fail) -> list:
+        """One rung for `name` on each live (target, runtime, runtime build) of `runs`: for a
+        `fastest` search a short decode first, which `decide` ranks before any window is scored,
+        then perplexity on the rung's windows for what is left. `decide(rung, target, runtime,
+        metrics, ppl delta or None on speed alone)` says why a run is dropped (and records it), or
+        None; `fail(target, runtime, message, text)` records a failed evaluation. The runs left."""
+        speeds = {}
+        if self.rung_latency is not None:
+            measured = self.evaluations(name, artifact, runs, rung, self.rung_latency, fail)
+            speeds = {(t.name, runtime): m for t, runtime, _, m in measured if decide(rung, t, runtime, m, None) is None}
+            runs = [(t, runtime, build) for t, runtime, build in runs if (t.name, runtime) in speeds]
+        alive = []
+        for target, runtime, build, metrics in self.evaluations(name, artifact, runs, rung, None, fail):
+            if (speed := speeds.get((target.name, runtime))) is not None:
+                metrics = metrics.model_copy(update={"decode_tok_s": speed.decode_tok_s, "prefill_ms": speed.prefill_ms, "profile": metrics.profile | speed.profile})
+            if decide(rung, target, runtime, metrics, ppl_delta_pct(metrics, self.reference_at(target, rung))) is None:
+                alive.append((target, runtime, build))
+        return alive
+
+    def evaluations(self, name: str, artifact, runs: list, rung: int, latency: LatencySpec | None, fail) -> list:
+        """(target, runtime, build, metrics) of each run's rung evaluation, submitted together: of
+        decode speed with a latency profile, of perplexity on the rung's windows without."""
+        from byoai.flows.measure import error_text
+
+        futures = [(t, runtime, build, self.loop.evaluate(artifact, t, runtime, build, name, (rung, self.rungs[rung], latency))) for t, runtime, build in runs]
+        out = []
+        for target, runtime, build, future in futures:
+            if future.wait() or future.state.is_failed():
+                message, text = error_text(future.state)
+                fail(target, runtime, f"rung {rung} evaluation failed: {message}", text)
+                continue
+            metrics = future.result()
+            self.spent_s += metrics.profile.get("evaluate_s", 0.0)
+            out.append((target, runtime, build, metrics))
+        return out
+
+    def record_pruned(self, candidate: VariantSpec, target: TargetProfile, runtime: str, rung: int, metrics, delta: float | None, why: str) -> None:
+        """A pruned candidate (or input file): its child run with the rung's numbers, a row that
+        says where and why, no version. `delta` None: dropped on decode speed, no window scored."""
         windows = self.rungs[rung].shape[0]
-        reason = (f"pruned at rung {rung} ({windows} window{'s' * (windows > 1)}): {why}; "
-                  f"ppl {metrics.ppl:.3f} ({delta:+.1f} %), {metrics.size_mb:.1f} MB"
-                  + (f", {metrics.decode_tok_s:.1f} tok/s" if metrics.decode_tok_s else ""))
+        numbers = [f"{metrics.size_mb:.1f} MB"] + ([f"{metrics.decode_tok_s:.1f} tok/s"] if metrics.decode_tok_s else [])
+        values = {"size_mb": metrics.size_mb, "rung": rung} | ({"decode_tok_s": metrics.decode_tok_s} if metrics.decode_tok_s else {})
+        if delta is None:
+            where = f"pruned at rung {rung} on decode speed, before its windows"
+        else:
+            where = f"pruned at rung {rung} ({windows} window{'s' * (windows > 1)})"
+            numbers.insert(0, f"ppl {metrics.ppl:.3f} ({delta:+.1f} %)")
+            values |= {"ppl": metrics.ppl, "ppl_delta_pct": delta, "rung_windows": windows}
+        reason = f"{where}: {why}; {', '.join(numbers)}"
         run_id = log_unbuilt_run(
             self.loop.parent, candidate, target, "pruned", reason, runtime=runtime,
-            tags={"byoai.search": SEARCH_TAG, "byoai.rung": str(rung), "byoai.pruned": "true"},
-            metrics={"ppl": metrics.ppl, "ppl_delta_pct": delta, "size_mb": metrics.size_mb, "rung": rung, "rung_windows": windows},
+            tags={"byoai.search": SEARCH_TAG, "byoai.rung": str(rung), "byoai.pruned": "true"}, metrics=values,
         )
         progress.emit("pruned", candidate.name, target.name, runtime, reason)
         self.loop.outcome.results.append(ResultRow(
             variant=candidate.name, technique=candidate.technique, target=target.name, runtime=runtime, status="pruned",
-            ppl=metrics.ppl, ppl_delta_pct=delta, size_mb=metrics.size_mb, run_id=run_id, reason=reason,
+            ppl=None if delta is None else metrics.ppl, ppl_delta_pct=delta, size_mb=metrics.size_mb, run_id=run_id, reason=reason,
         ))

@@ -150,15 +150,17 @@ class Loop:
 
     def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str, rung: tuple[int, TokensRef, LatencySpec | None] | None = None):
         """Submit one evaluation; its row waits until a runner slot starts it (the task then says
-        evaluating). `rung` (number, its windows, a short latency or None for perplexity only):
-        an auto search's low-fidelity measurement."""
-        task_name = f"evaluate-{name}@{target.name}-{runtime}" + (f"-rung{rung[0]}" if rung else "")
+        evaluating). `rung` (number, its windows, a short latency profile or None): an auto
+        search's low-fidelity measurement, of decode speed alone with a latency profile, of
+        perplexity on the windows without."""
+        task_name = f"evaluate-{name}@{target.name}-{runtime}" + (f"-rung{rung[0]}" + ("-speed" if rung[2] else "") if rung else "")
         progress.stands_for(task_name, name, target.name, runtime)
         progress.emit("waiting", name, target.name, runtime)
         evaluation = _heavy(evaluate_in_runtime, task_name, target.device)
         if rung is not None:
             _, windows, latency = rung
-            return evaluation.submit(artifact, target, runtime, build, windows, latency or self.recipe.evaluation.latency, perplexity_only=latency is None)
+            parts = "speed" if latency else "perplexity"
+            return evaluation.submit(artifact, target, runtime, build, windows, latency or self.recipe.evaluation.latency, parts=parts)
         return evaluation.submit(artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args)
 
     def evaluate_candidate(self, artifact, target: TargetProfile, runtime: str, build, name: str):
@@ -323,16 +325,19 @@ class Loop:
                                                        serving=served.flat() if served else {}))
         progress.emit("done", "input", target.name, runtime, measured_line(metrics, measured.ppl_delta_pct))
 
-    def run_input(self, targets: list[TargetProfile]) -> None:
-        """When the recipe's model is a GGUF file, measure that file as it is where a runtime runs GGUF."""
+    def input_runs(self, targets: list[TargetProfile]) -> tuple[Any, list[tuple[TargetProfile, str, Any]]] | None:
+        """When the recipe's model is a GGUF file: that file as an artifact, and each (target,
+        runtime, runtime build) where a runtime runs GGUF; None otherwise."""
         targets = [t for t in targets if any(r in runtimes_for("gguf") for r in t.runtimes)]
         if self.model.gguf is None or not targets:
-            return
+            return None
         artifact = gguf_input_artifact.with_options(task_run_name="stage-input-gguf")(self.model, self.variants_dir)
+        return artifact, [(target, runtime, build) for target in targets for runtime, build in self.measurable(INPUT_VARIANT, target, "gguf")]
+
+    def run_input(self, artifact, runs: list[tuple[TargetProfile, str, Any]]) -> None:
+        """Measure the input file as it is, in full, on each of `runs` (Loop.input_runs)."""
         evaluations = [  # served too when the recipe serves: a champion must beat how the input file serves
-            (target, runtime, self.evaluate_candidate(artifact, target, runtime, build, "input"))
-            for target in targets
-            for runtime, build in self.measurable(INPUT_VARIANT, target, "gguf")
+            (target, runtime, self.evaluate_candidate(artifact, target, runtime, build, "input")) for target, runtime, build in runs
         ]
         for target, runtime, future in evaluations:
             self.record_input(artifact, target, runtime, future)
@@ -537,12 +542,18 @@ def measure_targets(recipe: Recipe, targets: list[TargetProfile], parent: RunRef
     for name, metrics in loop.reference.items():
         progress.emit("done", "reference", name, metrics.runtime, measured_line(metrics, 0.0))
 
-    loop.run_input(measured)
+    # An auto search measures the input file after its candidates, on its rungs (AutoSearch.run_input)
+    inputs = loop.input_runs(measured)
+    if inputs is not None and recipe.auto is None:
+        loop.run_input(*inputs)
     searched = {v.name for v in recipe.auto_candidates()}
     loop.run_variants([v for v in recipe.variants if v.search is None and v.name not in searched])
     for variant in recipe.variants:
         if variant.search is not None:
             loop.run_search(variant)
     if recipe.auto is not None:
-        AutoSearch(loop, recipe.auto).run(recipe.auto_candidates())
+        search = AutoSearch(loop, recipe.auto)
+        search.run(recipe.auto_candidates())
+        if inputs is not None:
+            search.run_input(*inputs)
     loop.run_speculative()

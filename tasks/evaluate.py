@@ -72,7 +72,7 @@ def evaluate_in_runtime(
     latency: LatencySpec,
     lm_eval: LmEvalSpec | None = None,
     lm_eval_data: str | None = None,  # fingerprint of the task files: edited data invalidate the cache
-    perplexity_only: bool = False,  # an auto search's rung (tasks.runtimes.protocol.measure)
+    parts: str = "all",  # "perplexity" or "speed": an auto search's rung (tasks.runtimes.protocol.measure)
 ) -> Metrics:
     if not Path(artifact.path).exists():
         raise FileNotFoundError(f"artifact {artifact.path} is gone; delete .byoai/prefect-results to rebuild")
@@ -80,7 +80,7 @@ def evaluate_in_runtime(
         runtime=runtime, artifact_path=artifact.path, artifact_format=artifact.format, device=target.device,
         dtype=target.dtype, threads=target.threads, build=build, windows_path=perplexity_tokens.path,
         latency=latency.model_dump(mode="json"), lm_eval=lm_eval.model_dump(mode="json") if lm_eval else None,
-        perplexity_only=perplexity_only,
+        parts=parts,
     )
     import time
 
@@ -90,5 +90,7 @@ def evaluate_in_runtime(
     values = measured.model_dump()
     values["profile"] = values["profile"] | {"evaluate_s": round(time.perf_counter() - started, 2)}
     metrics = Metrics(**values, size_mb=artifact.size_bytes / 1e6, runtime=runtime, runtime_build=build.key)
-    step_logger().info("%s on %s in %s: ppl %.3f, decode %.1f tok/s", artifact.technique, target.name, runtime, metrics.ppl, metrics.decode_tok_s)
+    measured_parts = {"all": f"ppl {metrics.ppl:.3f}, decode {metrics.decode_tok_s:.1f} tok/s", "perplexity": f"ppl {metrics.ppl:.3f}",
+                      "speed": f"decode {metrics.decode_tok_s:.1f} tok/s"}[parts]
+    step_logger().info("%s on %s in %s: %s", artifact.technique, target.name, runtime, measured_parts)
     return metrics

@@ -207,7 +207,7 @@ def render_html(name: str, results: list[dict[str, Any]], decisions: list[dict[s
 
 def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path, results: list[dict[str, Any]] = ()) -> Path:
     """Size vs perplexity increase for one target; the Pareto front joined, the champion starred,
-    the recipe's input file as it is (when it is a GGUF) as a grey cross."""
+    the recipe's input file as it is (when it is a GGUF, fully measured) as a grey cross."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +220,9 @@ def pareto_plot(decisions: list[dict[str, Any]], target: str, path: Path, result
         ax.scatter(row["size_mb"], row["ppl_delta_pct"], s=40 + 4 * (row.get("decode_tok_s") or 0), c=color, alpha=0.7, edgecolors="k")
         label = f"{row['variant']} [{row.get('runtime', 'transformers')}]"
         ax.annotate(("★ " if row.get("champion") else "") + label, (row["size_mb"], row["ppl_delta_pct"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    for row in (r for r in results if r["target"] == target and r["variant"] == "input" and r.get("size_mb") is not None):
+    # an auto search measures the input on its rungs only, unless it could beat the champion: a
+    # rung's few windows do not sit on the same axes as the full protocol
+    for row in (r for r in results if r["target"] == target and r["variant"] == "input" and r.get("status") == "finished"):
         ax.scatter(row["size_mb"], row["ppl_delta_pct"], marker="x", s=80, c="gray")
         ax.annotate(f"input as shipped [{row.get('runtime', '')}]", (row["size_mb"], row["ppl_delta_pct"]), textcoords="offset points", xytext=(6, -10), fontsize=8, color="gray")
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["size_mb"])

@@ -109,10 +109,12 @@ class RungSearch:
     A candidate reports one value per rung, at Optuna step reduction_factor**rung (the steps at
     which successive halving's rungs sit with min_resource 1). The value is the promotion
     objective's own measure, lower is better: size for smallest, perplexity for best_quality,
-    minus decode speed for fastest (its rungs add a short decode: FASTEST_RUNG_LATENCY). A
-    candidate whose rung numbers already fail the gate or
-    the size budget ends there (its size is exact at every rung; its perplexity is measured on
-    the rung's windows against the reference on the same windows); the pruner ranks the rest.
+    minus decode speed for fastest. A candidate whose rung numbers already fail the gate or the
+    size budget ends there (its size is exact at every rung; its perplexity is measured on the
+    rung's windows against the reference on the same windows); the pruner ranks the rest. A
+    `fastest` rung measures a short decode first (FASTEST_RUNG_LATENCY) and lets the pruner rank
+    it, and scores perplexity only for what the pruner keeps: a file it drops on speed is dropped
+    whatever its perplexity.
     """
 
     def __init__(self, auto, promotion: PromotionSpec):
@@ -128,6 +130,7 @@ class RungSearch:
         self.finished = 0  # candidates that reached the final rung
         self.best: Candidate | None = None  # the best of them that passes the gate and budgets
         self.with_imatrix: dict[str, str] = {}  # GGUF layouts measured with an importance matrix -> that candidate
+        self.kept_values: dict[str, dict[int, float]] = {}  # candidate -> rung -> the value the pruner kept it on
 
     def measured(self, candidate: VariantSpec) -> None:
         """The candidate has numbers on this target (a rung or more, pruned or not)."""
@@ -163,24 +166,69 @@ class RungSearch:
         trial.set_user_attr("candidate", candidate)
         return trial
 
+    def value(self, metrics) -> float:
+        """The objective's own measure of a rung's numbers (tasks.evaluate.Metrics), lower is better."""
+        return {"smallest": metrics.size_mb, "best_quality": metrics.ppl, "fastest": -metrics.decode_tok_s}[self.promotion.objective]
+
+    def fails(self, ppl_delta_pct: float, metrics) -> str | None:
+        """Why a rung's numbers already fail the gate or the size budget, or None."""
+        limit, budget = self.promotion.gate.max_ppl_increase_pct, self.promotion.max_size_mb
+        if ppl_delta_pct > limit:
+            return f"fails the gate on these windows (+{ppl_delta_pct:.1f} % > {limit:g} %)"
+        if budget is not None and metrics.size_mb > budget:
+            return f"over budget ({metrics.size_mb:.1f} MB > max_size_mb {budget:g})"
+        return None
+
     def report(self, trial, rung: int, ppl_delta_pct: float, metrics) -> str | None:
         """Report a rung's numbers (tasks.evaluate.Metrics); why the candidate is dropped here (it is
         told so), or None."""
         import optuna
 
-        limit, budget = self.promotion.gate.max_ppl_increase_pct, self.promotion.max_size_mb
-        why = None
-        if ppl_delta_pct > limit:
-            why = f"fails the gate on these windows (+{ppl_delta_pct:.1f} % > {limit:g} %)"
-        elif budget is not None and metrics.size_mb > budget:
-            why = f"over budget ({metrics.size_mb:.1f} MB > max_size_mb {budget:g})"
-        value = {"smallest": metrics.size_mb, "best_quality": metrics.ppl, "fastest": -metrics.decode_tok_s}[self.promotion.objective]
-        trial.report(WORST if why else value, step=self.factor**rung)
-        if why is None and trial.should_prune():
-            why = f"ranked out by {'Hyperband' if isinstance(self.study.pruner, optuna.pruners.HyperbandPruner) else 'successive halving'}"
+        why = self.fails(ppl_delta_pct, metrics)
+        if why is None:
+            return self.rank(trial, rung, self.value(metrics))
+        trial.report(WORST, step=self.factor**rung)
+        self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return why
+
+    def rank(self, trial, rung: int, value: float) -> str | None:
+        """Report the rung's value alone and let the pruner rank it: why it is dropped (it is told
+        so), or None. A `fastest` search ranks decode speed before it measures perplexity
+        (`report_after_rank` then checks the gate): a candidate the pruner drops on speed is never
+        scored on the rung's windows."""
+        import optuna
+
+        trial.report(value, step=self.factor**rung)
+        if trial.should_prune():
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return f"ranked out by {'Hyperband' if isinstance(self.study.pruner, optuna.pruners.HyperbandPruner) else 'successive halving'}"
+        self.kept_values.setdefault(trial.user_attrs["candidate"], {})[rung] = value
+        return None
+
+    def report_after_rank(self, trial, rung: int, ppl_delta_pct: float, metrics) -> str | None:
+        """A ranked candidate's perplexity on the rung: why it fails the gate or a budget (its rung
+        values are forgotten, as for a full-protocol failure, and it is told so), or None."""
+        import optuna
+
+        why = self.fails(ppl_delta_pct, metrics)
         if why is not None:
+            self.forget_rungs(trial)
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return why
+
+    def input_loses(self, rung: int, value: float) -> str | None:
+        """Why the recipe's input file, measured on a rung after the search, cannot beat the best
+        finalist (its value there is no better than the finalist's on the same rung), or None: it
+        then gets the full protocol and promotion compares it as in any run."""
+        best = self.best
+        if best is None or rung not in self.kept_values.get(best.variant, {}):
+            return None
+        theirs = self.kept_values[best.variant][rung]
+        if value < theirs:
+            return None
+        measure = {"smallest": "MB", "best_quality": "ppl", "fastest": "tok/s"}[self.promotion.objective]
+        sign = -1 if self.promotion.objective == "fastest" else 1
+        return f"is no better than {best.variant} on this rung ({sign * value:.3f} {measure} against {sign * theirs:.3f})"
 
     def forget_rungs(self, trial) -> None:
         """A candidate that passed its rungs but fails the gate or a budget on the full protocol:

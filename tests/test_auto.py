@@ -45,49 +45,58 @@ def test_dry_run_lists_the_candidates_and_writes_nothing(workdir):
     rows = [out.index(f"{name} │") for name in ("gguf-q2_k-imatrix", "onnx-int4", "gguf-q3_k_m-imatrix", "gguf-q4_0", "gguf-mixed-at-budget")]
     assert rows == sorted(rows), out
     assert not list(workdir.glob("*.auto.yaml")) and not (workdir / ".byoai" / "mlflow.db").exists()
+    # best_quality: the largest first, the mixed GGUF built to the budget before every uniform type
+    result = CliRunner().invoke(app, ["auto", "embedded", "--target", "cpu-x86", "--objective", "best_quality", "--max-size-mb", "100", "--dry-run"])
+    out = " ".join(result.output.split())
+    rows = [out.index(f"{name} │") for name in ("gguf-mixed-at-budget", "gguf-q4_k_m-imatrix", "gguf-q4_0", "gguf-q3_k_m-imatrix", "onnx-int4")]
+    assert result.exit_code == 0 and rows == sorted(rows), out
 
 
 def test_auto_writes_its_recipe_prunes_at_rung_0_skips_a_redundant_twin_stops_at_the_time_budget_promotes_and_reruns_from_cache(workdir):
-    command = ["auto", "embedded", "--target", "cpu-x86", "--objective", "best_quality", "--max-size-mb", "91",
-               "--max-ppl-increase", "25", "--time-budget-min", "0.01", "--no-register"]
+    command = ["auto", "embedded", "--target", "cpu-x86", "--objective", "fastest", "--max-size-mb", "95",
+               "--max-ppl-increase", "10", "--time-budget-min", "0.01", "--no-register"]
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     path = workdir / "smollm2-135m-auto.auto.yaml"
     recipe = load_recipe(path)  # what it ran is a recipe like any other
-    assert recipe.auto.time_budget_min == 0.01 and recipe.promotion.max_size_mb == 91
+    assert recipe.auto.time_budget_min == 0.01 and recipe.promotion.max_size_mb == 95
     names = [v.name for v in recipe.variants]
-    # the one-pass kinds first, largest first for best_quality, a plain GGUF type right after its
-    # twin with an imatrix; then the costlier kinds
-    assert names == ["gguf-q4_0", "gguf-q3_k_m-imatrix", "gguf-q3_k_m", "onnx-int4", "gguf-q2_k-imatrix", "gguf-q2_k", "gguf-mixed-at-budget"]
+    # the one-pass kinds (the mixed GGUF among them) smallest first for fastest, a plain GGUF type
+    # right after its twin with an imatrix
+    assert names == ["gguf-q2_k-imatrix", "gguf-q2_k", "onnx-int4", "gguf-q3_k_m-imatrix", "gguf-q3_k_m", "gguf-q4_0",
+                     "gguf-q4_k_m-imatrix", "gguf-q4_k_m", "gguf-mixed-at-budget"], names
     client = MlflowClient(Settings().tracking())
     runs, parent = children(client, "smollm2-135m-auto")
-    # the q4_0 and q3_k_m files (91.7, 93.5 MB) are over the budget and ONNX int4 (about +50 %)
-    # fails the gate, all on rung 0's two windows: measured there only
-    assert runs["gguf-q4_0"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): over budget (91.7 MB > max_size_mb 91)")
-    assert runs["gguf-q3_k_m-imatrix"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): over budget (93.5 MB > max_size_mb 91)")
-    assert runs["onnx-int4"]["byoai.reason"].startswith("pruned at rung 0 (2 windows): fails the gate on these windows")
-    for name in ("gguf-q4_0", "gguf-q3_k_m-imatrix", "onnx-int4"):
+    # q2_k + imatrix (about +15 % on Python's docs) and ONNX int4 (about +60 %) fail the 10 % gate
+    # on rung 0's two windows, after their short decode was ranked: measured there only
+    for name in ("gguf-q2_k-imatrix", "onnx-int4"):
+        assert runs[name]["byoai.reason"].startswith("pruned at rung 0 (2 windows): fails the gate on these windows"), runs[name]
         assert runs[name]["byoai.status"] == "pruned" and runs[name]["byoai.pruned"] == "true" and runs[name]["byoai.rung"] == "0"
     # the first that passes goes through every rung and is promoted
-    assert runs["gguf-q2_k-imatrix"]["byoai.status"] == "finished", {n: runs[n]["byoai.status"] for n in names}
-    assert runs["gguf-q2_k-imatrix"]["byoai.rung"] == "final" and runs["gguf-q2_k-imatrix"]["byoai.search"] == "auto"
-    # plain q2_k writes the same types: once its imatrix twin is measured it is not even built
-    assert runs["gguf-q2_k"]["byoai.status"] == "skipped"
-    assert runs["gguf-q2_k"]["byoai.reason"].startswith("no room to improve: the same types as gguf-q2_k-imatrix")
+    assert runs["gguf-q3_k_m-imatrix"]["byoai.status"] == "finished", {n: runs[n]["byoai.status"] for n in names}
+    assert runs["gguf-q3_k_m-imatrix"]["byoai.rung"] == "final" and runs["gguf-q3_k_m-imatrix"]["byoai.search"] == "auto"
+    # a plain GGUF type writes the same types as its imatrix twin: once that is measured it is not even built
+    for plain in ("gguf-q2_k", "gguf-q3_k_m"):
+        assert runs[plain]["byoai.status"] == "skipped"
+        assert runs[plain]["byoai.reason"].startswith(f"no room to improve: the same types as {plain}-imatrix")
     states = task_states(parent.data.tags["prefect.flow_run_id"])
-    assert "evaluate-gguf-q4_0@cpu-x86-llama_cpp-rung0" in states and not any(n.startswith("build-gguf-q2_k-0") for n in states), states
-    assert not any(n.startswith("evaluate-gguf-q4_0@") and not n.endswith("rung0") for n in states), states
+    # a fastest rung: the short decode first, then the windows
+    assert {"evaluate-gguf-q2_k-imatrix@cpu-x86-llama_cpp-rung0-speed", "evaluate-gguf-q2_k-imatrix@cpu-x86-llama_cpp-rung0"} <= set(states), states
+    assert not any(n.startswith("build-gguf-q2_k-0") for n in states), states
+    assert not any(n.startswith("evaluate-gguf-q2_k-imatrix@") and "-rung" not in n for n in states), states
     # the gate's reference on rung 0's windows comes from its full evaluation's per-window numbers
-    assert not any(n.startswith("evaluate-reference@") and n.endswith("rung0") for n in states), states
+    assert not any(n.startswith("evaluate-reference@") and "-rung" in n for n in states), states
     assert "pruned: pruned at rung 0" in " ".join(result.output.split())
-    assert runs["gguf-q3_k_m"]["byoai.reason"].startswith("no room to improve: the same types as gguf-q3_k_m-imatrix")
     # then the time budget stops the search
-    assert runs["gguf-mixed-at-budget"]["byoai.status"] == "skipped"
-    assert "auto.time_budget_min (0.01 min) reached" in runs["gguf-mixed-at-budget"]["byoai.reason"]
+    for name in ("gguf-q4_0", "gguf-mixed-at-budget"):
+        assert runs[name]["byoai.status"] == "skipped" and "auto.time_budget_min (0.01 min) reached" in runs[name]["byoai.reason"], runs[name]
     champion = client.get_model_version_by_alias("smollm2-135m-auto", "champion-cpu-x86")
-    assert champion.tags["byoai.variant"] == "gguf-q2_k-imatrix"
-    # the embedded Q4_1 file (98.4 MB) has the better perplexity but is over the budget
-    assert "beats the input file, which fails the gate or a budget (over budget: 98.4 MB > max_size_mb 91)" in " ".join(result.output.split())
+    assert champion.tags["byoai.variant"] == "gguf-q3_k_m-imatrix"
+    # the embedded Q4_1 file comes after the candidates, on rung 0: over the 95 MB budget (98.4 MB),
+    # it cannot beat the champion and gets no full evaluation
+    assert runs["input"]["byoai.status"] == "pruned" and runs["input"]["byoai.rung"] == "0", runs["input"]
+    assert "the input file (not a candidate)" in runs["input"]["byoai.reason"], runs["input"]
+    assert not any(n.startswith("evaluate-input@") and "-rung" not in n for n in states), states
 
     # the written recipe is not overwritten without --force
     before = path.read_text()
@@ -143,6 +152,28 @@ def test_a_candidate_that_fails_the_gate_in_full_ranks_no_later_one_out():
     assert search.best is None  # ... not in full
     # without forgetting q4_0's rung value, 95.3 MB would be ranked out behind 93.5 MB
     assert rung0(search.start("q3_k_m-imatrix"), 95.3, 2.4) is None
+
+
+def test_a_fastest_rung_ranks_speed_before_perplexity_and_the_input_file_must_beat_the_best_finalist():
+    from byoai.recipe import AutoSpec, PromotionSpec
+    from byoai.tasks.evaluate import Metrics
+    from byoai.tasks.promote import Candidate
+    from byoai.tasks.search import RungSearch
+
+    search = RungSearch(AutoSpec(), PromotionSpec.model_validate({"gate": {"max_ppl_increase_pct": 5}, "objective": "fastest"}))
+    rung0 = Metrics(ppl=20.9, ppl_tokens=1024, load_s=0.1, prefill_ms=0.0, decode_tok_s=93.6, device="cpu", size_mb=93.5, runtime="llama_cpp")
+    q3 = search.start("q3_k_m")
+    assert search.rank(q3, 0, -93.6) is None and search.report_after_rank(q3, 0, 3.0, rung0) is None
+    search.finish(q3, Candidate(variant="q3_k_m", version="1", runtime="llama_cpp", ppl=28.9, ppl_delta_pct=4.6, size_mb=93.5, decode_tok_s=84.8))
+    assert search.rank(search.start("q8_0"), 0, -65.0) == "ranked out by successive halving"  # its windows are never scored
+    q2 = search.start("q2_k")
+    assert search.rank(q2, 0, -99.7) is None  # the fastest so far ...
+    assert search.report_after_rank(q2, 0, 6.8, rung0).startswith("fails the gate on these windows (+6.8 % > 5 %)")  # ... out of the gate
+    # its rung value is forgotten: behind 99.7 tok/s, 95 tok/s would be ranked out
+    assert search.rank(search.start("q4_0"), 0, -95.0) is None
+    # the input file, measured after the search: it must beat the best finalist on the same rung
+    assert search.input_loses(0, -80.0) == "is no better than q3_k_m on this rung (80.000 tok/s against 93.600)"
+    assert search.input_loses(0, -96.0) is None
 
 
 def test_a_plain_gguf_type_is_redundant_once_its_imatrix_twin_is_measured():

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -70,7 +70,9 @@ class MeasureRequest(BaseModel):
     build: RuntimeBuild
     windows_path: str  # perplexity windows (safetensors, key input_ids), the same ids in every runtime
     latency: dict[str, Any]  # byoai.recipe.LatencySpec as JSON
-    perplexity_only: bool = False  # an auto search's rung: no latency profile, no tasks
+    # an auto search's rung measures a part: "perplexity" (no latency profile, no tasks) or "speed"
+    # (a short latency profile, no perplexity); "all" is the whole protocol
+    parts: Literal["all", "perplexity", "speed"] = "all"
     lm_eval: dict[str, Any] | None = None  # tasks.lm_eval_tasks.LmEvalSpec as JSON
 
 

@@ -87,13 +87,18 @@ def memory_bandwidth_gb_s(device: str) -> float:
     return 2 * source.numel() * source.element_size() / min(timings) / 1e9
 
 
-def measure(session: Session, windows, spec, lm_eval=None, perplexity_only: bool = False) -> Measured:
-    """The whole protocol on one loaded artifact; `perplexity_only` (an auto search's rung) skips
-    the latency profile and the tasks (their numbers are 0 and empty)."""
+def measure(session: Session, windows, spec, lm_eval=None, parts: str = "all") -> Measured:
+    """The whole protocol on one loaded artifact, or one part of it (an auto search's rung):
+    "perplexity" skips the latency profile and the tasks (their numbers are 0 and empty), "speed"
+    is the latency profile alone (perplexity NaN, no windows scored)."""
     from byoai.tasks.lm_eval_tasks import score_lm
 
+    if parts == "speed":
+        profile = latency(session, windows, spec) | session.memory()
+        return Measured(ppl=math.nan, ppl_tokens=0, load_s=session.load_s, prefill_ms=profile[f"ttft_ms.p{spec.prompt_tokens}"],
+                        decode_tok_s=profile["decode_tok_s.b1"], device=session.description, profile=profile)
     ppl, window_nll = perplexity(session, windows)
-    if perplexity_only:
+    if parts == "perplexity":
         return Measured(ppl=ppl, ppl_tokens=int(windows.numel()), window_nll=window_nll, load_s=session.load_s, prefill_ms=0.0,
                         decode_tok_s=0.0, device=session.description, profile=session.memory())
     profile = latency(session, windows, spec)
