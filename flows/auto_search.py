@@ -113,11 +113,14 @@ class AutoSearch:
             self.loop.skip_or_fail(candidate, target, "failed", message, text, runtime)
             self.searches[target.name].finish(trials[target.name, runtime], None)
 
+        scored = {}  # (target, runtime) -> the last rung's window NLLs, which the full protocol reuses
         for rung in range(len(self.rungs)):
-            alive = self.measure_rung(candidate.name, built[-1], alive, rung, decide, fail)
+            measured = self.measure_rung(candidate.name, built[-1], alive, rung, decide, fail)
+            alive, scored = [run for run, _ in measured], {(t.name, runtime): m.window_nll for (t, runtime, _), m in measured}
         if not alive:
             return
-        evaluations = [(candidate, t, runtime, built, self.loop.evaluate_candidate(built[-1], t, runtime, build, candidate.name)) for t, runtime, build in alive]
+        evaluations = [(candidate, t, runtime, built, self.loop.evaluate_candidate(built[-1], t, runtime, build, candidate.name, scored.get((t.name, runtime), ())))
+                       for t, runtime, build in alive]
         note = f"auto: kept through {len(self.rungs)} rung(s)"
         recorded = self.loop.record_variant(candidate, evaluations, {"byoai.search": SEARCH_TAG, "byoai.rung": "final"}, note)
         self.spent_s += sum(future.result().profile.get("evaluate_s", 0.0) for *_, future in evaluations if not future.state.is_failed())
@@ -143,17 +146,20 @@ class AutoSearch:
         def fail(target: TargetProfile, runtime: str, message: str, text: str) -> None:
             self.loop.skip_or_fail(INPUT_VARIANT, target, "failed", message, text, runtime)
 
+        scored = {}
         for rung in range(len(self.rungs)):
-            runs = self.measure_rung(INPUT_VARIANT.name, artifact, runs, rung, decide, fail)
+            measured = self.measure_rung(INPUT_VARIANT.name, artifact, runs, rung, decide, fail)
+            runs, scored = [run for run, _ in measured], {(t.name, runtime): m.window_nll for (t, runtime, _), m in measured}
         if runs:
-            self.loop.run_input(artifact, runs)
+            self.loop.run_input(artifact, runs, scored)
 
     def measure_rung(self, name: str, artifact, runs: list, rung: int, decide, fail) -> list:
         """One rung for `name` on each live (target, runtime, runtime build) of `runs`: for a
         `fastest` search a short decode first, which `decide` ranks before any window is scored,
         then perplexity on the rung's windows for what is left. `decide(rung, target, runtime,
         metrics, ppl delta or None on speed alone)` says why a run is dropped (and records it), or
-        None; `fail(target, runtime, message, text)` records a failed evaluation. The runs left."""
+        None; `fail(target, runtime, message, text)` records a failed evaluation. The runs left,
+        each with its numbers on the rung."""
         speeds = {}
         if self.rung_latency is not None:
             measured = self.evaluations(name, artifact, runs, rung, self.rung_latency, fail)
@@ -164,7 +170,7 @@ class AutoSearch:
             if (speed := speeds.get((target.name, runtime))) is not None:
                 metrics = metrics.model_copy(update={"decode_tok_s": speed.decode_tok_s, "prefill_ms": speed.prefill_ms, "profile": metrics.profile | speed.profile})
             if decide(rung, target, runtime, metrics, ppl_delta_pct(metrics, self.reference_at(target, rung))) is None:
-                alive.append((target, runtime, build))
+                alive.append(((target, runtime, build), metrics))
         return alive
 
     def evaluations(self, name: str, artifact, runs: list, rung: int, latency: LatencySpec | None, fail) -> list:

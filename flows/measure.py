@@ -148,11 +148,13 @@ class Loop:
             out.append((runtime, build))
         return out
 
-    def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str, rung: tuple[int, TokensRef, LatencySpec | None] | None = None):
+    def evaluate(self, artifact, target: TargetProfile, runtime: str, build, name: str, rung: tuple[int, TokensRef, LatencySpec | None] | None = None,
+                 known_nll: tuple[float, ...] = ()):
         """Submit one evaluation; its row waits until a runner slot starts it (the task then says
         evaluating). `rung` (number, its windows, a short latency profile or None): an auto
         search's low-fidelity measurement, of decode speed alone with a latency profile, of
-        perplexity on the windows without."""
+        perplexity on the windows without. `known_nll`: the full protocol's first windows, scored
+        by the search's last rung."""
         task_name = f"evaluate-{name}@{target.name}-{runtime}" + (f"-rung{rung[0]}" + ("-speed" if rung[2] else "") if rung else "")
         progress.stands_for(task_name, name, target.name, runtime)
         progress.emit("waiting", name, target.name, runtime)
@@ -161,13 +163,13 @@ class Loop:
             _, windows, latency = rung
             parts = "speed" if latency else "perplexity"
             return evaluation.submit(artifact, target, runtime, build, windows, latency or self.recipe.evaluation.latency, parts=parts)
-        return evaluation.submit(artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args)
+        return evaluation.submit(artifact, target, runtime, build, self.perplexity_tokens, *self.evaluation_args, known_nll=known_nll)
 
-    def evaluate_candidate(self, artifact, target: TargetProfile, runtime: str, build, name: str):
+    def evaluate_candidate(self, artifact, target: TargetProfile, runtime: str, build, name: str, known_nll: tuple[float, ...] = ()):
         """A candidate's full evaluation and, with a serving profile and a runtime that serves,
         its serving measurement, submitted right after it: with one heavy step at a time (the
         default) the task runner starts them in that order, so they never share the cores."""
-        evaluation = self.evaluate(artifact, target, runtime, build, name)
+        evaluation = self.evaluate(artifact, target, runtime, build, name, known_nll=known_nll)
         serving = self.recipe.evaluation.serving
         if serving is not None and RUNTIMES[runtime].server_command is not None:
             task_name = f"serve-{name}@{target.name}-{runtime}"
@@ -334,10 +336,12 @@ class Loop:
         artifact = gguf_input_artifact.with_options(task_run_name="stage-input-gguf")(self.model, self.variants_dir)
         return artifact, [(target, runtime, build) for target in targets for runtime, build in self.measurable(INPUT_VARIANT, target, "gguf")]
 
-    def run_input(self, artifact, runs: list[tuple[TargetProfile, str, Any]]) -> None:
-        """Measure the input file as it is, in full, on each of `runs` (Loop.input_runs)."""
+    def run_input(self, artifact, runs: list[tuple[TargetProfile, str, Any]], known_nll: dict[tuple[str, str], tuple[float, ...]] | None = None) -> None:
+        """Measure the input file as it is, in full, on each of `runs` (Loop.input_runs); `known_nll`
+        (target, runtime) -> its first windows' NLLs from an auto search's last rung."""
         evaluations = [  # served too when the recipe serves: a champion must beat how the input file serves
-            (target, runtime, self.evaluate_candidate(artifact, target, runtime, build, "input")) for target, runtime, build in runs
+            (target, runtime, self.evaluate_candidate(artifact, target, runtime, build, "input", (known_nll or {}).get((target.name, runtime), ())))
+            for target, runtime, build in runs
         ]
         for target, runtime, future in evaluations:
             self.record_input(artifact, target, runtime, future)

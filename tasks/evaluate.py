@@ -73,6 +73,7 @@ def evaluate_in_runtime(
     lm_eval: LmEvalSpec | None = None,
     lm_eval_data: str | None = None,  # fingerprint of the task files: edited data invalidate the cache
     parts: str = "all",  # "perplexity" or "speed": an auto search's rung (tasks.runtimes.protocol.measure)
+    known_nll: tuple[float, ...] = (),  # the first windows' NLLs from an auto search's last rung: not scored again
 ) -> Metrics:
     if not Path(artifact.path).exists():
         raise FileNotFoundError(f"artifact {artifact.path} is gone; delete .byoai/prefect-results to rebuild")
@@ -80,7 +81,7 @@ def evaluate_in_runtime(
         runtime=runtime, artifact_path=artifact.path, artifact_format=artifact.format, device=target.device,
         dtype=target.dtype, threads=target.threads, build=build, windows_path=perplexity_tokens.path,
         latency=latency.model_dump(mode="json"), lm_eval=lm_eval.model_dump(mode="json") if lm_eval else None,
-        parts=parts,
+        parts=parts, known_nll=known_nll,
     )
     import time
 

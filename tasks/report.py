@@ -125,7 +125,7 @@ def _profile_order(key: str) -> tuple:
 _PROFILE_TITLES = {
     "ttft_ms": "TTFT ms p{}", "decode_tok_s": "decode tok/s b{}", "tpot_ms": "TPOT ms b{}", "peak_mem_mb": "peak mem MB",
     "weights_mb": "weights MB", "bandwidth_gb_s": "bandwidth GB/s", "decode_bound_tok_s": "decode bound tok/s",
-    "decode_efficiency": "of bound",
+    "decode_efficiency": "of bound", "ppl_windows_reused": "ppl windows from a rung",
 }
 
 

@@ -75,6 +75,8 @@ def test_auto_writes_its_recipe_prunes_at_rung_0_skips_a_redundant_twin_stops_at
     # the first that passes goes through every rung and is promoted
     assert runs["gguf-q3_k_m-imatrix"]["byoai.status"] == "finished", {n: runs[n]["byoai.status"] for n in names}
     assert runs["gguf-q3_k_m-imatrix"]["byoai.rung"] == "final" and runs["gguf-q3_k_m-imatrix"]["byoai.search"] == "auto"
+    # its full protocol scored 6 of the 8 windows: the first 2 are rung 0's (the same ids, file and runtime)
+    assert runs["gguf-q3_k_m-imatrix"]["metric.ppl_windows_reused"] == 2
     # a plain GGUF type writes the same types as its imatrix twin: once that is measured it is not even built
     for plain in ("gguf-q2_k", "gguf-q3_k_m"):
         assert runs[plain]["byoai.status"] == "skipped"

@@ -37,7 +37,7 @@ def measure_request(request: MeasureRequest) -> Measured:
 
     session = RUNTIMES[request.runtime].open_session(request)
     lm_eval = LmEvalSpec.model_validate(request.lm_eval) if request.lm_eval else None
-    return measure(session, load_windows(request.windows_path), LatencySpec.model_validate(request.latency), lm_eval, request.parts)
+    return measure(session, load_windows(request.windows_path), LatencySpec.model_validate(request.latency), lm_eval, request.parts, request.known_nll)
 
 
 __all__ = ["RUNTIMES", "Measured", "MeasureRequest", "Runtime", "RuntimeBuild", "RuntimeUnavailable", "measure_request", "runtimes_for"]

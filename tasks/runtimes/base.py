@@ -73,6 +73,9 @@ class MeasureRequest(BaseModel):
     # an auto search's rung measures a part: "perplexity" (no latency profile, no tasks) or "speed"
     # (a short latency profile, no perplexity); "all" is the whole protocol
     parts: Literal["all", "perplexity", "speed"] = "all"
+    # the summed NLLs of the first windows, scored already on this artifact in this runtime (an
+    # auto search's last rung): the full protocol does not score them again
+    known_nll: tuple[float, ...] = ()
     lm_eval: dict[str, Any] | None = None  # tasks.lm_eval_tasks.LmEvalSpec as JSON
 
 

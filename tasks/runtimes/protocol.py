@@ -29,10 +29,11 @@ def _spread(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), min(samples), max(samples)
 
 
-def perplexity(session: Session, windows) -> tuple[float, tuple[float, ...]]:
+def perplexity(session: Session, windows, known_nll: tuple[float, ...] = ()) -> tuple[float, tuple[float, ...]]:
     """GPTQ-paper protocol: exp(mean NLL) over non-overlapping windows [n, seq_len] of one text;
-    and each window's summed NLL (the perplexity of its first k windows follows from them)."""
-    nll = tuple(session.nll(row) for row in windows)
+    and each window's summed NLL (the perplexity of its first k windows follows from them). The
+    first windows' NLLs, when `known_nll` has them, are not scored again."""
+    nll = tuple(known_nll) + tuple(session.nll(row) for row in windows[len(known_nll):])
     return window_perplexity(nll, windows.shape[1]), nll
 
 
@@ -87,22 +88,23 @@ def memory_bandwidth_gb_s(device: str) -> float:
     return 2 * source.numel() * source.element_size() / min(timings) / 1e9
 
 
-def measure(session: Session, windows, spec, lm_eval=None, parts: str = "all") -> Measured:
+def measure(session: Session, windows, spec, lm_eval=None, parts: str = "all", known_nll: tuple[float, ...] = ()) -> Measured:
     """The whole protocol on one loaded artifact, or one part of it (an auto search's rung):
     "perplexity" skips the latency profile and the tasks (their numbers are 0 and empty), "speed"
-    is the latency profile alone (perplexity NaN, no windows scored)."""
+    is the latency profile alone (perplexity NaN, no windows scored). `known_nll`: the first
+    windows' summed NLLs, scored already on this artifact in this runtime; they are not scored again."""
     from byoai.tasks.lm_eval_tasks import score_lm
 
     if parts == "speed":
         profile = latency(session, windows, spec) | session.memory()
         return Measured(ppl=math.nan, ppl_tokens=0, load_s=session.load_s, prefill_ms=profile[f"ttft_ms.p{spec.prompt_tokens}"],
                         decode_tok_s=profile["decode_tok_s.b1"], device=session.description, profile=profile)
-    ppl, window_nll = perplexity(session, windows)
+    ppl, window_nll = perplexity(session, windows, known_nll)
     if parts == "perplexity":
         return Measured(ppl=ppl, ppl_tokens=int(windows.numel()), window_nll=window_nll, load_s=session.load_s, prefill_ms=0.0,
                         decode_tok_s=0.0, device=session.description, profile=session.memory())
     profile = latency(session, windows, spec)
-    profile |= session.memory()
+    profile |= session.memory() | ({"ppl_windows_reused": len(known_nll)} if known_nll else {})
     bandwidth = memory_bandwidth_gb_s(session.device)
     decode_tok_s = profile["decode_tok_s.b1"]
     profile |= {
