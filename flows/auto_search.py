@@ -7,7 +7,7 @@ before any window is scored), and goes on to the next rung only while Optuna's p
 the survivors get the full protocol, a child run and a model version like any variant. A pruned
 candidate keeps its child run (status pruned, tagged with its rung and the numbers it was dropped
 on) and no version. The recipe's input GGUF, when there is one, comes after the candidates on the
-same rungs and gets the full protocol only where it could beat the best finalist
+same rungs and gets the full protocol only where it could match the best finalist
 (AutoSearch.run_input).
 Orchestration only: every number is computed in a task.
 """
@@ -129,10 +129,11 @@ class AutoSearch:
 
     def run_input(self, artifact, runs: list[tuple[TargetProfile, str, Any]]) -> None:
         """The recipe's input GGUF, after the candidates and on the same rungs: it is not a
-        candidate (never registered) and matters to promotion only if it beats the champion, so
-        it gets the full protocol (and promotion compares it, as in any run) only where its rung
-        numbers pass the gate and beat the best finalist's on every rung, or where no candidate
-        reached the final rung. Elsewhere its row says on which rung and number it lost."""
+        candidate (never registered) and matters only if the champion does not beat it, so it
+        gets the full protocol (and the run's verdict on it, as in any run) only where its rung
+        numbers pass the gate and the budgets and match or beat the best finalist's on every
+        rung, or where no candidate reached the final rung. Elsewhere its row says on which rung
+        and number it lost."""
 
         def decide(rung: int, target: TargetProfile, runtime: str, metrics, delta: float | None) -> str | None:
             search = self.searches[target.name]
@@ -210,5 +211,6 @@ class AutoSearch:
         progress.emit("pruned", candidate.name, target.name, runtime, reason)
         self.loop.outcome.results.append(ResultRow(
             variant=candidate.name, technique=candidate.technique, target=target.name, runtime=runtime, status="pruned",
-            ppl=None if delta is None else metrics.ppl, ppl_delta_pct=delta, size_mb=metrics.size_mb, run_id=run_id, reason=reason,
+            ppl=None if delta is None else metrics.ppl, ppl_delta_pct=delta, size_mb=metrics.size_mb, decode_tok_s=metrics.decode_tok_s or None,
+            run_id=run_id, reason=reason,
         ))

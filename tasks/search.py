@@ -217,18 +217,20 @@ class RungSearch:
         return why
 
     def input_loses(self, rung: int, value: float) -> str | None:
-        """Why the recipe's input file, measured on a rung after the search, cannot beat the best
-        finalist (its value there is no better than the finalist's on the same rung), or None: it
-        then gets the full protocol and promotion compares it as in any run."""
+        """Why the recipe's input file, measured on a rung after the search, cannot match the best
+        finalist (its value there is worse than the finalist's on the same rung), or None: it then
+        gets the full protocol, and the run's verdict on it, as in any run. A tie goes on: the
+        champion may then be no better than the input (a mixed GGUF at the input's size can
+        choose the input's own types), which the verdict must be able to say."""
         best = self.best
         if best is None or rung not in self.kept_values.get(best.variant, {}):
             return None
         theirs = self.kept_values[best.variant][rung]
-        if value < theirs:
+        if value <= theirs:
             return None
         measure = {"smallest": "MB", "best_quality": "ppl", "fastest": "tok/s"}[self.promotion.objective]
         sign = -1 if self.promotion.objective == "fastest" else 1
-        return f"is no better than {best.variant} on this rung ({sign * value:.3f} {measure} against {sign * theirs:.3f})"
+        return f"is worse than {best.variant} on this rung ({sign * value:.3f} {measure} against {sign * theirs:.3f})"
 
     def forget_rungs(self, trial) -> None:
         """A candidate that passed its rungs but fails the gate or a budget on the full protocol:
