@@ -51,7 +51,7 @@ class AutoSearch:
         self.rung_references: dict[tuple[str, int], object] = {}
         # The search's own time: each candidate's build and evaluations as they recorded it (a
         # cached re-run replays the same seconds, so it makes the same decisions and reuses every
-        # trial; a wall clock would let it go further). The reference and input file do not count.
+        # trial; a wall clock would let it go further). The reference does not count; the input file comes after the last candidate.
         self.spent_s, self.budget_s = 0.0, auto.time_budget_min * 60 if auto.time_budget_min else None
         # a fastest search ranks its rungs on a short decode first; the others on perplexity alone
         self.rung_latency = LatencySpec(**FASTEST_RUNG_LATENCY) if loop.recipe.promotion.objective == "fastest" else None
