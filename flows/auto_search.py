@@ -113,10 +113,7 @@ class AutoSearch:
             self.loop.skip_or_fail(candidate, target, "failed", message, text, runtime)
             self.searches[target.name].finish(trials[target.name, runtime], None)
 
-        scored = {}  # (target, runtime) -> the last rung's window NLLs, which the full protocol reuses
-        for rung in range(len(self.rungs)):
-            measured = self.measure_rung(candidate.name, built[-1], alive, rung, decide, fail)
-            alive, scored = [run for run, _ in measured], {(t.name, runtime): m.window_nll for (t, runtime, _), m in measured}
+        alive, scored = self.climb(candidate.name, built[-1], alive, decide, fail)
         if not alive:
             return
         evaluations = [(candidate, t, runtime, built, self.loop.evaluate_candidate(built[-1], t, runtime, build, candidate.name, scored.get((t.name, runtime), ())))
@@ -147,12 +144,18 @@ class AutoSearch:
         def fail(target: TargetProfile, runtime: str, message: str, text: str) -> None:
             self.loop.skip_or_fail(INPUT_VARIANT, target, "failed", message, text, runtime)
 
-        scored = {}
-        for rung in range(len(self.rungs)):
-            measured = self.measure_rung(INPUT_VARIANT.name, artifact, runs, rung, decide, fail)
-            runs, scored = [run for run, _ in measured], {(t.name, runtime): m.window_nll for (t, runtime, _), m in measured}
+        runs, scored = self.climb(INPUT_VARIANT.name, artifact, runs, decide, fail)
         if runs:
             self.loop.run_input(artifact, runs, scored)
+
+    def climb(self, name: str, artifact, runs: list, decide, fail) -> tuple[list, dict[tuple[str, str], tuple[float, ...]]]:
+        """Every rung in turn (measure_rung): the runs left after the last, and for each
+        (target name, runtime) the last rung's window NLLs, which the full protocol reuses."""
+        scored: dict[tuple[str, str], tuple[float, ...]] = {}
+        for rung in range(len(self.rungs)):
+            measured = self.measure_rung(name, artifact, runs, rung, decide, fail)
+            runs, scored = [run for run, _ in measured], {(t.name, runtime): m.window_nll for (t, runtime, _), m in measured}
+        return runs, scored
 
     def measure_rung(self, name: str, artifact, runs: list, rung: int, decide, fail) -> list:
         """One rung for `name` on each live (target, runtime, runtime build) of `runs`: for a
